@@ -1,0 +1,10 @@
+"""swin_dense: a Swin Transformer backbone for dense prediction with mmdet 3.x and mmseg 1.x.
+
+Importing the package registers ``SwinBackbone`` in mmengine's root model registry, which the
+mmdet and mmseg registries fall back to, so ``backbone=dict(type='SwinBackbone', ...)`` builds
+under either default scope. It imports torch and mmengine only (no mmcv, mmdet or mmseg).
+"""
+from .backbone import ARCH_SETTINGS, FeatureSpec, SwinBackbone
+
+__version__ = '0.1.0'
+__all__ = ['ARCH_SETTINGS', 'FeatureSpec', 'SwinBackbone', '__version__']

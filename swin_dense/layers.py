@@ -1,0 +1,287 @@
+"""Thin modules over :mod:`swin_dense.window`: patch embedding, window attention, block, merging, stage.
+
+Parameter names follow mmdet/mmseg's ``SwinTransformer`` (``patch_embed.projection``,
+``stages.i.blocks.j.attn.w_msa.qkv``, ``ffn.layers.0.0``, ``stages.i.downsample.reduction``, ...)
+so that detector and segmentor checkpoints written with the in-tree backbones load unchanged,
+also through ``load_from``. PatchMerging keeps mmcv's ``nn.Unfold`` channel order
+(``index = c * 4 + 2 * dy + dx``); :mod:`swin_dense.checkpoint` converts other orders.
+
+Token maps travel as ``(B, H*W, C)`` with their ``(H, W)`` beside them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor
+
+from .window import (WindowLayout, padded_size, relative_position_bias, tokens_from_windows,
+                     window_attention, window_layout, windows_from_tokens)
+
+_ACTIVATIONS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU, 'Swish': nn.SiLU,
+                'LeakyReLU': nn.LeakyReLU, 'ELU': nn.ELU, 'Tanh': nn.Tanh}
+_NORMS = {'LN': nn.LayerNorm, 'LayerNorm': nn.LayerNorm}
+
+
+def build_norm(norm_cfg: dict, num_features: int) -> nn.Module:
+    """Build a token LayerNorm from an mmcv-style config, e.g. ``dict(type='LN', eps=1e-6)``."""
+    cfg = dict(norm_cfg)
+    kind = cfg.pop('type', None)
+    if kind not in _NORMS:
+        raise ValueError(f'norm_cfg type {kind!r} is not supported by SwinBackbone; '
+                         f'use one of {sorted(_NORMS)} (Swin normalises tokens with LayerNorm)')
+    requires_grad = cfg.pop('requires_grad', True)
+    norm = _NORMS[kind](num_features, **cfg)
+    for p in norm.parameters():
+        p.requires_grad = requires_grad
+    return norm
+
+
+def build_activation(act_cfg: dict) -> nn.Module:
+    """Build an activation from an mmcv-style config, e.g. ``dict(type='GELU')``."""
+    cfg = dict(act_cfg)
+    kind = cfg.pop('type', None)
+    if kind not in _ACTIVATIONS:
+        raise ValueError(f'act_cfg type {kind!r} is not supported; use one of {sorted(_ACTIVATIONS)}')
+    return _ACTIVATIONS[kind](**cfg)
+
+
+def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
+    """Stochastic depth per sample; the same random draw as mmcv's ``DropPath``."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    return x.div(keep_prob) * random_tensor.floor()
+
+
+class DropPath(nn.Module):
+    """Module wrapper of :func:`drop_path`."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob:.3f}'
+
+
+class PatchEmbed(nn.Module):
+    """4x4 patch partition + linear embedding: ``(B, Cin, H, W)`` -> ``(B, H/p * W/p, C)``.
+
+    The image is zero-padded bottom/right to a multiple of the patch size first.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int, patch_size: int,
+                 norm_cfg: Optional[dict]) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.projection = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
+        self.norm = build_norm(norm_cfg, embed_dims) if norm_cfg is not None else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            x = F.pad(x, (0, padded_size(W, p) - W, 0, padded_size(H, p) - H))
+        x = self.projection(x)
+        hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, hw
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concat + LayerNorm + Linear(4C -> 2C): ``(B, H*W, C)`` -> ``(B, H/2*W/2, 2C)``.
+
+    Odd sizes are zero-padded bottom/right. The 4C vector is in mmcv's ``nn.Unfold`` order,
+    ``index = c * 4 + 2 * dy + dx``, so mmdet/mmseg weights apply as they are.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_cfg: Optional[dict]) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm = build_norm(norm_cfg, 4 * in_channels) if norm_cfg is not None else None
+        self.reduction = nn.Linear(4 * in_channels, out_channels, bias=False)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        B, L, C = x.shape
+        H, W = hw
+        x = x.view(B, H, W, C)
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        Ho, Wo = (H + 1) // 2, (W + 1) // 2
+        # (B, Ho, dy, Wo, dx, C) -> (B, Ho, Wo, C, dy, dx): Unfold order.
+        x = x.view(B, Ho, 2, Wo, 2, C).permute(0, 1, 3, 5, 2, 4).reshape(B, Ho * Wo, 4 * C)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.reduction(x), (Ho, Wo)
+
+
+class WindowMSA(nn.Module):
+    """Multi-head self-attention inside windows with a relative position bias.
+
+    Input and output ``(B * nW, N, C)``; ``mask`` is the ``(nW, N, N)`` shift mask or None.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, window_size: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop_rate: float = 0.0,
+                 proj_drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.scale = qk_scale or (embed_dims // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.attn_drop_rate = attn_drop_rate
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop_rate)
+        self._bias_cache: dict = {}
+
+    def attention_bias(self, mask: Optional[Tensor]) -> Tensor:
+        """Relative position bias with the shift mask folded in: ``(h, N, N)`` or ``(nW, h, N, N)``.
+
+        Without autograd (eval, no_grad) the result is cached until the table changes.
+        """
+        table = self.relative_position_bias_table
+        caching = not (torch.is_grad_enabled() and table.requires_grad)
+        key = (table._version, table.data_ptr(), table.dtype, None if mask is None else id(mask))
+        if caching and key in self._bias_cache:
+            return self._bias_cache[key]
+        bias = relative_position_bias(table, self.window_size)
+        if mask is not None:
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1)
+        if caching:
+            if len(self._bias_cache) > 8:
+                self._bias_cache.clear()
+            self._bias_cache[key] = bias
+        else:
+            self._bias_cache.clear()
+        return bias
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
+        bias = self.attention_bias(mask)
+        x = window_attention(self.qkv(x), self.num_heads, self.scale, bias, num_windows,
+                             self.attn_drop_rate if self.training else 0.0)
+        return self.proj_drop(self.proj(x))
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cached bias
+        self._bias_cache = {}
+        return super()._apply(fn, recurse)
+
+
+class ShiftWindowMSA(nn.Module):
+    """W-MSA (``shift_size == 0``) or SW-MSA over a token map: ``(B, H*W, C)`` -> same.
+
+    Pads, shifts and partitions with one cached gather, attends in windows, and undoes it all
+    with one gather. The shift is applied whatever the map size, as mmdet and the official
+    detection code do (REFERENCE detail 2): on maps not larger than the window the shift still
+    mixes the padded grid, so outputs equal the in-tree backbones' on every size.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.w_msa = WindowMSA(embed_dims, num_heads, window_size, qkv_bias, qk_scale,
+                               attn_drop_rate, proj_drop_rate)
+        self.drop = DropPath(drop_path_rate)
+
+    def layout(self, hw: tuple[int, int], device: torch.device) -> WindowLayout:
+        return window_layout(hw[0], hw[1], self.window_size, self.shift_size, device)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        layout = self.layout(hw, x.device)
+        windows = windows_from_tokens(x, layout)
+        windows = self.w_msa(windows, layout.mask, layout.num_windows)
+        return self.drop(tokens_from_windows(windows, layout))
+
+
+class FFN(nn.Module):
+    """MLP ``C -> ratio*C -> C`` with activation and dropout; nesting as mmcv's FFN for key names."""
+
+    def __init__(self, embed_dims: int, hidden_dims: int, act_cfg: dict, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(embed_dims, hidden_dims), build_activation(act_cfg),
+                          nn.Dropout(drop_rate)),
+            nn.Linear(hidden_dims, embed_dims), nn.Dropout(drop_rate))
+        self.dropout_layer = DropPath(drop_path_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout_layer(self.layers(x))
+
+
+class SwinBlock(nn.Module):
+    """``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))`` on ``(B, H*W, C)``."""
+
+    def __init__(self, embed_dims: int, num_heads: int, feedforward_channels: int,
+                 window_size: int = 7, shift: bool = False, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 act_cfg: dict = dict(type='GELU'), norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.norm1 = build_norm(norm_cfg, embed_dims)
+        self.attn = ShiftWindowMSA(embed_dims, num_heads, window_size,
+                                   window_size // 2 if shift else 0, qkv_bias, qk_scale,
+                                   attn_drop_rate, drop_rate, drop_path_rate)
+        self.norm2 = build_norm(norm_cfg, embed_dims)
+        self.ffn = FFN(embed_dims, feedforward_channels, act_cfg, drop_rate, drop_path_rate)
+
+    def _forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        x = x + self.attn(self.norm1(x), hw)
+        return x + self.ffn(self.norm2(x))
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: works when the input needs no grad (frozen stages
+            # before this one) and under DDP, unlike the reentrant variant.
+            return cp.checkpoint(self._forward, x, hw, use_reentrant=False)
+        return self._forward(x, hw)
+
+
+class SwinStage(nn.Module):
+    """``depth`` blocks alternating W-MSA and SW-MSA, then an optional PatchMerging.
+
+    Returns ``(x_down, hw_down, x, hw)``: the input of the next stage and this stage's output.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, feedforward_channels: int, depth: int,
+                 window_size: int = 7, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rates: Sequence[float] = (), downsample: Optional[PatchMerging] = None,
+                 act_cfg: dict = dict(type='GELU'), norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        drop_path_rates = list(drop_path_rates) or [0.0] * depth
+        self.blocks = nn.ModuleList(
+            SwinBlock(embed_dims, num_heads, feedforward_channels, window_size, i % 2 == 1,
+                      qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rates[i],
+                      act_cfg, norm_cfg, with_cp) for i in range(depth))
+        self.downsample = downsample
+
+    def forward(self, x: Tensor, hw: tuple[int, int]
+                ) -> tuple[Tensor, tuple[int, int], Tensor, tuple[int, int]]:
+        for block in self.blocks:
+            x = block(x, hw)
+        if self.downsample is None:
+            return x, hw, x, hw
+        x_down, hw_down = self.downsample(x, hw)
+        return x_down, hw_down, x, hw

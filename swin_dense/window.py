@@ -1,0 +1,171 @@
+"""Window attention as plain tensor functions (no ``nn.Module`` here).
+
+Everything the shifted-window scheme needs that depends only on sizes is built once per
+``(H, W, window, shift, device)`` and cached: the gather that pads, rolls and partitions a
+token map in one step, its inverse with the crop folded in, the -100 shift mask, and the
+relative-position index. ``window_attention`` is the attention itself.
+
+Order of operations, identical to the official code, mmdet, mmseg and torchvision
+(REFERENCE detail 1): zero-pad bottom/right to a multiple of the window, cyclic shift by
+``-shift`` on the padded grid, mask built on the padded grid, attention per window, reverse
+shift, crop. Padded tokens are not masked as keys, exactly as in those implementations.
+
+Shapes: ``B`` batch, ``H x W`` token map, ``M`` window size, ``N = M * M`` tokens per window,
+``nW`` windows per image, ``h`` heads, ``d`` channels per head, ``C = h * d``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Additive attention mask for token pairs that come from different regions of the shifted grid.
+#: -100 rather than -inf: finite in fp16, and exp(-100) is 0 in every float format we use.
+MASK_VALUE = -100.0
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """How an ``H x W`` token map is laid out in (shifted) windows.
+
+    Attributes:
+        height, width: the token map, ``H x W``.
+        window_size: ``M``.
+        shift_size: cyclic shift applied before partitioning (0 for W-MSA).
+        num_windows: ``nW = ceil(H / M) * ceil(W / M)``.
+        gather_index: ``(nW * N,)`` source token of each window slot; ``H * W`` names the zero
+            padding token appended after the map.
+        scatter_index: ``(H * W,)`` window slot of each token of the map (the inverse gather).
+        mask: ``(nW, N, N)`` additive shift mask (0 or -100), or None when ``shift_size == 0``.
+    """
+
+    height: int
+    width: int
+    window_size: int
+    shift_size: int
+    num_windows: int
+    gather_index: Tensor
+    scatter_index: Tensor
+    mask: Optional[Tensor]
+
+    @property
+    def needs_padding(self) -> bool:
+        return self.num_windows * self.window_size ** 2 != self.height * self.width
+
+
+def padded_size(size: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``size``."""
+    return -(-size // multiple) * multiple
+
+
+def _shift_regions(padded: int, window_size: int, shift_size: int) -> Tensor:
+    """Region label (0, 1, 2) of each row of the padded grid: slices (0,-M), (-M,-s), (-s,None)."""
+    pos = torch.arange(padded)
+    return (pos >= padded - window_size).long() + (pos >= padded - shift_size).long()
+
+
+@functools.lru_cache(maxsize=128)
+def window_layout(height: int, width: int, window_size: int, shift_size: int,
+                  device: torch.device) -> WindowLayout:
+    """Build (once per argument tuple) the gather/scatter indices and shift mask of a token map.
+
+    Args:
+        height, width: token map ``H x W``.
+        window_size: ``M``.
+        shift_size: ``s`` with ``0 <= s < M``; the map is rolled by ``-s`` on the padded grid.
+        device: where the index and mask tensors live.
+    """
+    if not 0 <= shift_size < window_size:
+        raise ValueError(f'shift_size must be in [0, window_size), got {shift_size} '
+                         f'with window_size {window_size}')
+    M = window_size
+    Hp, Wp = padded_size(height, M), padded_size(width, M)
+    nh, nw = Hp // M, Wp // M
+    # Slot (window row a, window col b, in-window row i, col j) sits at shifted-grid position
+    # (a*M + i, b*M + j), which holds the padded-grid position ((a*M + i + s) % Hp, ...).
+    rows = (torch.arange(Hp).view(nh, 1, M, 1) + shift_size) % Hp
+    cols = (torch.arange(Wp).view(1, nw, 1, M) + shift_size) % Wp
+    rows, cols = torch.broadcast_tensors(rows, cols)  # (nh, nw, M, M)
+    inside = (rows < height) & (cols < width)
+    gather = torch.where(inside, rows * width + cols, torch.full_like(rows, height * width))
+    gather = gather.reshape(-1)
+    scatter = torch.empty(height * width, dtype=torch.long)
+    slots = torch.arange(gather.numel())
+    scatter[gather[inside.reshape(-1)]] = slots[inside.reshape(-1)]
+
+    mask = None
+    if shift_size > 0:
+        # Regions belong to positions of the shifted grid, i.e. to slot coordinates.
+        region_h = _shift_regions(Hp, M, shift_size).view(nh, 1, M, 1).expand(nh, nw, M, M)
+        region_w = _shift_regions(Wp, M, shift_size).view(1, nw, 1, M).expand(nh, nw, M, M)
+        label = (region_h * 3 + region_w).reshape(nh * nw, M * M)
+        mask = (label.unsqueeze(1) != label.unsqueeze(2)).float() * MASK_VALUE
+        mask = mask.to(device)
+    return WindowLayout(height, width, M, shift_size, nh * nw, gather.to(device),
+                        scatter.to(device), mask)
+
+
+@functools.lru_cache(maxsize=16)
+def relative_position_index(window_size: int, device: torch.device) -> Tensor:
+    """``(N, N)`` index into the ``((2M-1)^2, heads)`` bias table for each query/key pair.
+
+    ``index[i, j] = (y_i - y_j + M - 1) * (2M - 1) + (x_i - x_j + M - 1)``, the official formula.
+    """
+    M = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing='ij')).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (M - 1)  # (2, N, N)
+    return (rel[0] * (2 * M - 1) + rel[1]).to(device)
+
+
+def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
+    """Gather the bias table ``((2M-1)^2, h)`` into a per-head bias ``(h, N, N)``."""
+    N = window_size * window_size
+    index = relative_position_index(window_size, table.device)
+    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+
+
+def windows_from_tokens(x: Tensor, layout: WindowLayout) -> Tensor:
+    """Pad, roll and partition in one gather: ``(B, H*W, C)`` -> ``(B * nW, N, C)``."""
+    B, L, C = x.shape
+    if layout.needs_padding:
+        x = torch.cat([x, x.new_zeros(B, 1, C)], dim=1)
+    return x.index_select(1, layout.gather_index).view(B * layout.num_windows, -1, C)
+
+
+def tokens_from_windows(windows: Tensor, layout: WindowLayout) -> Tensor:
+    """Inverse of :func:`windows_from_tokens` with the crop folded in: -> ``(B, H*W, C)``."""
+    C = windows.shape[-1]
+    B = windows.shape[0] // layout.num_windows
+    return windows.reshape(B, -1, C).index_select(1, layout.scatter_index)
+
+
+def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
+                     num_windows: int, dropout_p: float = 0.0) -> Tensor:
+    """Multi-head self-attention inside each window.
+
+    Args:
+        qkv: ``(B * nW, N, 3 * C)``, the output of the qkv projection.
+        num_heads: ``h``.
+        scale: multiplier of ``q @ k^T`` (``d ** -0.5`` unless overridden).
+        bias: additive attention bias, ``(h, N, N)`` (W-MSA) or ``(nW, h, N, N)`` with the shift
+            mask folded in (SW-MSA); it broadcasts over the batch, never expanded.
+        num_windows: ``nW``, to view the batch as ``(B, nW)`` for a per-window bias.
+        dropout_p: attention dropout probability (0 in eval).
+
+    Returns:
+        ``(B * nW, N, C)``.
+    """
+    BW, N, C3 = qkv.shape
+    C = C3 // 3
+    qkv = qkv.view(BW, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B*nW, h, N, d)
+    if bias.dim() == 4:
+        shape = (BW // num_windows, num_windows, num_heads, N, -1)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                         dropout_p=dropout_p, scale=scale)
+    return out.reshape(BW, num_heads, N, -1).transpose(1, 2).reshape(BW, N, C)

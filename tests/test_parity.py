@@ -1,0 +1,170 @@
+"""Digit-for-digit parity with the toolkits' own Swin (mmdet's and mmseg's ``SwinTransformer``).
+
+Weights move from the peer into SwinBackbone the way a user moves them: a detector checkpoint
+written by mmdet (keys under ``backbone.``) or a backbone file from mmseg, loaded through
+``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` and ``init_weights()``.
+"""
+import pytest
+import torch
+
+from swin_dense import SwinBackbone
+
+mmdet_backbones = pytest.importorskip('mmdet.models.backbones')
+mmseg_backbones = pytest.importorskip('mmseg.models.backbones')
+
+TINY = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+BASE = dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+ATOL = 1e-5
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights everywhere (LayerNorm gains, biases and bias tables included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1 and name.endswith('weight'):  # LayerNorm gains
+                p.copy_(1 + 0.1 * noise)
+            elif p.dim() == 1 or 'relative_position_bias_table' in name:
+                p.copy_(0.1 * noise)
+            else:  # fan-in scaled, so activations stay O(1) through all blocks
+                p.copy_(noise * (p[0].numel()) ** -0.5)
+    return model
+
+
+def peer_and_ours(tmp_path, peer_cls, shape, detector_file: bool, **kwargs):
+    """Build a randomised peer, save it as the toolkit saves it, load into SwinBackbone."""
+    peer = randomize(peer_cls(**shape, **kwargs))
+    peer.eval()  # the in-tree train() returns None, so no chaining
+    state = peer.state_dict()
+    if detector_file:  # what mmdet's Runner writes for a whole detector
+        ckpt = {'meta': {'mmdet_version': '3.3.0'},
+                'state_dict': {**{f'backbone.{k}': v for k, v in state.items()},
+                               'neck.lateral_convs.0.conv.weight': torch.zeros(256, 96, 1, 1)}}
+    else:  # an mmseg backbone-only file
+        ckpt = state
+    path = tmp_path / 'peer.pth'
+    torch.save(ckpt, path)
+    ours = SwinBackbone(**shape, **kwargs, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    ours.init_weights()
+    return peer, ours.eval()
+
+
+def assert_same_outputs(peer, ours, size, batch=2, seed=0):
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected, got = peer(x), ours(x)
+    assert len(expected) == len(got)
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape
+        assert (e - g).abs().max().item() <= ATOL
+
+
+@pytest.fixture(scope='module')
+def tiny_pair(tmp_path_factory):
+    return peer_and_ours(tmp_path_factory.mktemp('tiny'), mmdet_backbones.SwinTransformer, TINY,
+                         detector_file=True)
+
+
+@pytest.fixture(scope='module')
+def base_pair(tmp_path_factory):
+    return peer_and_ours(tmp_path_factory.mktemp('base'), mmdet_backbones.SwinTransformer, BASE,
+                         detector_file=True)
+
+
+@pytest.mark.parametrize('size', [(224, 224), (512, 512), (511, 511), (112, 137), (800, 1333),
+                                  (33, 47), (7, 7), (2, 2), (1, 1), (64, 1000)])
+def test_swin_t_equals_mmdet(tiny_pair, size):
+    assert_same_outputs(*tiny_pair, size)
+
+
+@pytest.mark.parametrize('size', [(224, 224), (511, 511), (112, 137), (2, 2), (29, 61)])
+def test_swin_b_equals_mmdet(base_pair, size):
+    assert_same_outputs(*base_pair, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('size', [(512, 512), (800, 1333)])
+def test_swin_b_equals_mmdet_large_inputs(base_pair, size):
+    assert_same_outputs(*base_pair, size)
+
+
+def test_parameter_count_equals_mmdet(tiny_pair, base_pair):
+    for peer, ours in (tiny_pair, base_pair):
+        assert sum(p.numel() for p in ours.parameters()) == sum(
+            p.numel() for p in peer.parameters())
+
+
+@pytest.mark.parametrize('shape,kwargs,sizes', [
+    (TINY, {}, [(511, 511), (112, 137), (224, 224)]),
+    (BASE, dict(window_size=12, pretrain_img_size=384), [(512, 512), (97, 130)]),
+    (TINY, dict(out_indices=(1, 3), mlp_ratio=4), [(100, 100)]),
+])
+def test_equals_mmseg_backbone_file(tmp_path, shape, kwargs, sizes):
+    peer, ours = peer_and_ours(tmp_path, mmseg_backbones.SwinTransformer, shape,
+                               detector_file=False, **kwargs)
+    for size in sizes:
+        assert_same_outputs(peer, ours, size, seed=1)
+
+
+def test_absolute_position_embedding_equals_mmdet_at_pretrain_size(tmp_path):
+    kwargs = dict(use_abs_pos_embed=True, pretrain_img_size=224)
+    peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True, **kwargs)
+    assert_same_outputs(peer, ours, (224, 224))
+
+
+@pytest.mark.parametrize('drop_path_rate', [0.0, 0.2])
+def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate):
+    peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
+                               drop_path_rate=drop_path_rate)
+    peer.train()
+    ours.train()
+    grads = []
+    for model in (peer, ours):
+        x = torch.randn(2, 3, 112, 137, generator=torch.Generator().manual_seed(3))
+        x.requires_grad_(True)
+        torch.manual_seed(7)  # the same stochastic-depth draws, in the same order
+        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in model(x))
+        loss.backward()
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).abs().max().item() <= ATOL * grads[0].abs().max().item()
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_builds_under_each_default_scope(scope):
+    from mmengine.registry import DefaultScope
+    registry = {'mmdet': 'mmdet.registry', 'mmseg': 'mmseg.registry'}[scope]
+    MODELS = __import__(registry, fromlist=['MODELS']).MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        model = MODELS.build(dict(type='SwinBackbone', arch='tiny'))
+    assert isinstance(model, SwinBackbone)
+
+
+def test_mmdet_config_works_after_changing_only_the_type():
+    from mmdet.registry import MODELS
+    cfg = dict(type='SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2],
+               num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4, qkv_bias=True,
+               qk_scale=None, drop_rate=0., attn_drop_rate=0., drop_path_rate=0.2,
+               patch_norm=True, out_indices=(0, 1, 2, 3), with_cp=False, convert_weights=True,
+               init_cfg=None)
+    peer = MODELS.build(cfg)
+    ours = MODELS.build({**cfg, 'type': 'SwinBackbone'})
+    assert [k for k in ours.state_dict()] == [
+        k for k in peer.state_dict() if not k.endswith('relative_position_index')]
+
+
+def test_swin_b_file_into_swin_t_is_an_error(tmp_path):
+    peer = mmdet_backbones.SwinTransformer(**BASE)
+    path = tmp_path / 'base.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in peer.state_dict().items()}}, path)
+    ours = SwinBackbone(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match='shape'):
+        ours.init_weights()
+
+
+def test_file_without_backbone_weights_is_an_error(tmp_path):
+    path = tmp_path / 'neck_only.pth'
+    torch.save({'state_dict': {'neck.fpn_convs.0.conv.weight': torch.zeros(256, 256, 3, 3)}}, path)
+    ours = SwinBackbone(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError):
+        ours.init_weights()

@@ -1,0 +1,126 @@
+"""The functional window core against a direct transcription of the official algorithm."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swin_dense.window import (MASK_VALUE, relative_position_bias, relative_position_index,
+                               tokens_from_windows, window_attention, window_layout,
+                               windows_from_tokens)
+
+
+def official_windows(x, H, W, M, s):
+    """pad -> roll(-s) -> partition, written out step by step as in the official code."""
+    B, L, C = x.shape
+    x = x.view(B, H, W, C)
+    x = F.pad(x, (0, 0, 0, (M - W % M) % M, 0, (M - H % M) % M))
+    Hp, Wp = x.shape[1:3]
+    if s:
+        x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+    x = x.view(B, Hp // M, M, Wp // M, M, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, M * M, C), Hp, Wp
+
+
+def official_mask(Hp, Wp, M, s):
+    """The official slice-based construction of the SW-MSA mask."""
+    img_mask = torch.zeros(1, Hp, Wp, 1)
+    cnt = 0
+    for h in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+        for w in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+            img_mask[:, h, w, :] = cnt
+            cnt += 1
+    win = img_mask.view(1, Hp // M, M, Wp // M, M, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, M * M)
+    mask = win.unsqueeze(1) - win.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+SIZES = [(1, 1), (2, 3), (7, 7), (8, 13), (14, 14), (28, 35), (17, 9), (56, 56)]
+
+
+@pytest.mark.parametrize('M', [7, 12, 4])
+@pytest.mark.parametrize('H,W', SIZES)
+def test_gather_equals_pad_roll_partition(H, W, M):
+    x = torch.randn(2, H * W, 5)
+    for s in (0, M // 2):
+        layout = window_layout(H, W, M, s, torch.device('cpu'))
+        ref, Hp, Wp = official_windows(x, H, W, M, s)
+        assert torch.equal(windows_from_tokens(x, layout), ref)
+        assert layout.num_windows == (Hp // M) * (Wp // M)
+
+
+@pytest.mark.parametrize('H,W', SIZES)
+def test_scatter_inverts_gather_with_crop(H, W):
+    M = 7
+    x = torch.randn(3, H * W, 4)
+    for s in (0, 3):
+        layout = window_layout(H, W, M, s, torch.device('cpu'))
+        # Official inverse: reverse partition, roll back, crop.
+        w, Hp, Wp = official_windows(x, H, W, M, s)
+        y = w.view(3, Hp // M, Wp // M, M, M, 4).permute(0, 1, 3, 2, 4, 5).reshape(3, Hp, Wp, 4)
+        y = torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(3, H * W, 4)
+        assert torch.equal(tokens_from_windows(windows_from_tokens(x, layout), layout), x)
+        assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize('M', [7, 12])
+@pytest.mark.parametrize('H,W', SIZES)
+def test_shift_mask_equals_official_slices(H, W, M):
+    s = M // 2
+    layout = window_layout(H, W, M, s, torch.device('cpu'))
+    Hp, Wp = -(-H // M) * M, -(-W // M) * M
+    assert torch.equal(layout.mask, official_mask(Hp, Wp, M, s))
+    assert set(layout.mask.unique().tolist()) <= {0.0, MASK_VALUE}
+    assert window_layout(H, W, M, 0, torch.device('cpu')).mask is None
+
+
+def test_shift_mask_hand_case():
+    # 4x4 map, window 4, shift 2: one window; rows/cols split into regions {0,1} and {2,3}
+    # after the shift, so token (0,0) may attend only to tokens in rows 0-1 and cols 0-1.
+    layout = window_layout(4, 4, 4, 2, torch.device('cpu'))
+    allowed = (layout.mask[0, 0] == 0).view(4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:2, :2] = True
+    assert torch.equal(allowed, expected)
+
+
+def test_layout_is_cached_per_size():
+    a = window_layout(10, 11, 7, 3, torch.device('cpu'))
+    assert window_layout(10, 11, 7, 3, torch.device('cpu')) is a
+    assert window_layout(10, 12, 7, 3, torch.device('cpu')) is not a
+
+
+def test_bad_shift_is_a_clear_error():
+    with pytest.raises(ValueError, match='shift_size'):
+        window_layout(8, 8, 7, 7, torch.device('cpu'))
+
+
+@pytest.mark.parametrize('M', [2, 7, 12])
+def test_relative_position_index_formula(M):
+    index = relative_position_index(M, torch.device('cpu'))
+    for i in range(M * M):
+        for j in range(0, M * M, 5):
+            yi, xi, yj, xj = i // M, i % M, j // M, j % M
+            assert index[i, j] == (yi - yj + M - 1) * (2 * M - 1) + (xi - xj + M - 1)
+    assert index.max() == (2 * M - 1) ** 2 - 1 and index.min() == 0
+
+
+def test_relative_position_bias_shape_and_values():
+    M, h = 7, 3
+    table = torch.randn((2 * M - 1) ** 2, h)
+    bias = relative_position_bias(table, M)
+    assert bias.shape == (h, M * M, M * M)
+    # The diagonal is the zero offset, the centre of the table.
+    centre = (M - 1) * (2 * M - 1) + (M - 1)
+    assert torch.equal(bias[:, 5, 5], table[centre])
+
+
+def test_window_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    B, nW, N, h, d = 2, 3, 49, 4, 8
+    qkv = torch.randn(B * nW, N, 3 * h * d)
+    bias = torch.randn(nW, h, N, N)
+    out = window_attention(qkv, h, d ** -0.5, bias, nW)
+    q, k, v = qkv.view(B * nW, N, 3, h, d).permute(2, 0, 3, 1, 4)
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+    attn = attn.view(B, nW, h, N, N) + bias.unsqueeze(0)
+    ref = (attn.view(-1, h, N, N).softmax(-1) @ v).transpose(1, 2).reshape(B * nW, N, h * d)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
