@@ -159,7 +159,7 @@ def mmengine_safe_globals() -> list:
 
 
 def register_mmengine_safe_globals() -> None:
-    """Allow-list :func:`mmengine_safe_globals` process-wide (``torch.serialization.add_safe_globals``).
+    """Allow-list :func:`mmengine_safe_globals` process-wide (``add_safe_globals``).
 
     For code that calls ``torch.load`` itself with the torch >= 2.6 default ``weights_only=True``,
     e.g. mmengine's ``Runner.resume`` / ``load_checkpoint`` (REFERENCE detail 9).
@@ -312,19 +312,17 @@ def _unwrap(checkpoint: Mapping, prefix: Optional[str] = None) -> _Unwrapped:
         raise ValueError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
     notes, unused = [], {}
     state: Any = checkpoint
-    if not (_is_tensor_dict(checkpoint) and not any(k in checkpoint for k in _CONTAINER_KEYS)):
-        for key in _CONTAINER_KEYS:
-            value = checkpoint.get(key)
-            if isinstance(value, nn.Module):
-                value = value.state_dict()
-            if _is_tensor_dict(value):
-                state = value
-                others = [k for k in _CONTAINER_KEYS if k != key and _is_tensor_dict(checkpoint.get(k))]
-                if others:
-                    notes.append(f'weights taken from {key!r}; the file also holds {others} '
-                                 '(not used)')
-                break
-    if not isinstance(state, Mapping) or not state:
+    for key in _CONTAINER_KEYS:  # training checkpoints: take the first container present
+        value = checkpoint.get(key)
+        if isinstance(value, nn.Module):
+            value = value.state_dict()
+        if isinstance(value, Mapping):
+            state = value
+            others = [k for k in _CONTAINER_KEYS if k != key and _is_tensor_dict(checkpoint.get(k))]
+            if others:
+                notes.append(f'weights taken from {key!r}; the file also holds {others} (not used)')
+            break
+    if not state:
         raise ValueError('the checkpoint holds no tensors (empty state dict)')
     if not _is_tensor_dict(state):
         raise ValueError('the checkpoint holds no state dict of tensors; top-level keys: '
@@ -366,7 +364,8 @@ def _unwrap(checkpoint: Mapping, prefix: Optional[str] = None) -> _Unwrapped:
     return _Unwrapped(tensors, unused, notes, had_backbone_prefix)
 
 
-def unwrap_state_dict(checkpoint: Mapping, prefix: Optional[str] = None) -> 'OrderedDict[str, Tensor]':
+def unwrap_state_dict(checkpoint: Mapping,
+                      prefix: Optional[str] = None) -> 'OrderedDict[str, Tensor]':
     """The backbone tensors of a checkpoint dict: container key, ``module.``, prefix removed.
 
     Takes ``state_dict`` / ``model`` / ``module`` / ``state_dict_ema`` (in that order of
@@ -418,7 +417,7 @@ def _refine_format(layout: str, unwrapped: _Unwrapped) -> str:
 
 
 def detect_format(state_dict: Mapping) -> str:
-    """Name the layout of a checkpoint (a whole checkpoint dict or a state dict): one of :data:`FORMATS`.
+    """The layout of a checkpoint dict or state dict: one of :data:`FORMATS`.
 
     Raises:
         ValueError: not a Swin V1 checkpoint of a supported layout; lists a few of its keys.
@@ -487,8 +486,8 @@ class _Mapped:
         self.origin[ours] = src
 
 
-def _common(key: str, value: Tensor, out: _Mapped, head_classes: Callable[[str], str]) -> bool:
-    """Keys handled the same in every layout: buffers, classifier heads, final norm."""
+def _common(key: str, out: _Mapped, head_classes: Callable[[str], str]) -> bool:
+    """Keys handled the same in every layout: buffers and classifier heads."""
     if key.rsplit('.', 1)[-1] in _BUFFER_NAMES:
         out.unused[key] = REASON_BUFFER
         return True
@@ -505,14 +504,13 @@ def _head_reason(state: Mapping[str, Tensor]) -> Callable[[str], str]:
     return lambda key: REASON_HEAD
 
 
-def _from_official(state: Mapping[str, Tensor], downsample_offset: int = 0,
-                   reorder: bool = True) -> _Mapped:
+def _from_official(state: Mapping[str, Tensor], downsample_offset: int = 0) -> _Mapped:
     """Official / official_det (``downsample_offset=0``) and timm (``downsample_offset=-1``)."""
     out, head = _Mapped(), _head_reason(state)
     block = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.(.+)$')
     down = re.compile(r'^layers[._](\d+)\.downsample\.((?:reduction|norm)\.(?:weight|bias))$')
     for key, value in state.items():
-        if _common(key, value, out, head):
+        if _common(key, out, head):
             continue
         if key.startswith('patch_embed.'):
             out.put(key.replace('patch_embed.proj.', 'patch_embed.projection.'), key, value)
@@ -533,10 +531,8 @@ def _from_official(state: Mapping[str, Tensor], downsample_offset: int = 0,
             if stage < 0:
                 out.unused[key] = 'downsample before the first stage (unexpected)'
                 continue
-            if reorder:
-                value = _reorder_merging(ours, value)
-                out.converted[ours] = _REASON_REORDER
-            out.put(ours, key, value)
+            out.put(ours, key, _reorder_merging(ours, value))
+            out.converted[ours] = _REASON_REORDER
         elif re.match(r'^norm\d+\.(weight|bias)$', key):  # official_det per-output norms
             out.put(key, key, value)
         elif key.startswith('norm.'):
@@ -555,15 +551,17 @@ def _from_torchvision(state: Mapping[str, Tensor]) -> _Mapped:
     out, head = _Mapped(), _head_reason(state)
     pattern = re.compile(r'^features\.(\d+)\.(.+)$')
     for key, value in state.items():
-        if _common(key, value, out, head):
+        if _common(key, out, head):
             continue
         m = pattern.match(key)
         if m is None:
-            out.unused[key] = REASON_FINAL_NORM if key.startswith('norm.') else 'not a Swin backbone tensor'
+            out.unused[key] = (REASON_FINAL_NORM if key.startswith('norm.')
+                               else 'not a Swin backbone tensor')
             continue
         index, rest = int(m.group(1)), m.group(2)
         if index == 0:  # Sequential(Conv2d, Permute, LayerNorm)
-            names = {'0.weight': 'patch_embed.projection.weight', '0.bias': 'patch_embed.projection.bias',
+            names = {'0.weight': 'patch_embed.projection.weight',
+                     '0.bias': 'patch_embed.projection.bias',
                      '2.weight': 'patch_embed.norm.weight', '2.bias': 'patch_embed.norm.bias'}
             if rest in names:
                 out.put(names[rest], key, value)
@@ -591,12 +589,13 @@ def _from_native(state: Mapping[str, Tensor], legacy_final_norm: bool = False) -
     out, head = _Mapped(), _head_reason(state)
     last = max((int(m.group(1)) for m in map(_NATIVE_BLOCK.match, state) if m), default=0)
     for key, value in state.items():
-        if _common(key, value, out, head):
+        if _common(key, out, head):
             continue
         if key.startswith('norm.') and legacy_final_norm:  # mmcls < 0.21: norm -> norm{last}
             ours = f'norm{last}.' + key[len('norm.'):]
             out.put(ours, key, value)
-            out.converted[ours] = f"legacy mmcls final norm 'norm.' loaded as norm{last}, as mmpretrain does"
+            out.converted[ours] = (f"legacy mmcls final norm 'norm.' loaded as norm{last}, "
+                                   'as mmpretrain does')
         elif key.startswith('norm.'):
             out.unused[key] = REASON_FINAL_NORM
         else:
@@ -717,15 +716,23 @@ def _model_arch(model: nn.Module) -> Optional[dict]:
 # =====================================================================================
 # The report
 # =====================================================================================
-def _pattern(key: str) -> str:
-    return re.sub(r'(?<=[._])\d+(?=\.)', '*', key)
+_INDEX = re.compile(r'(?<=[._a-z])\d+(?=\.)')
 
 
 def _summarise(keys: list, limit: int = 6) -> list:
+    """Group keys that differ only in their indices: ``8 x stages.*.blocks.*.attn...``."""
     groups: dict[str, list] = OrderedDict()
     for k in keys:
-        groups.setdefault(_pattern(k), []).append(k)
-    lines = [(v[0] if len(v) == 1 else f'{len(v)} x {p}') for p, v in groups.items()]
+        groups.setdefault(_INDEX.sub('*', k), []).append(k)
+    lines = []
+    for pattern, members in groups.items():
+        if len(members) == 1:
+            lines.append(members[0])
+        elif pattern.count('*') == 1:  # e.g. norm{0,1,2,3}.weight
+            values = ','.join(_INDEX.search(k).group(0) for k in members)
+            lines.append(pattern.replace('*', '{' + values + '}'))
+        else:
+            lines.append(f'{len(members)} x {pattern}')
     if len(lines) > limit:
         lines = lines[:limit] + [f'... ({len(lines) - limit} more patterns)']
     return lines
@@ -793,7 +800,8 @@ class LoadReport:
         where = f'{self.source} ({self.format})'
         if self.mismatched:
             items = list(self.mismatched.items())
-            shown = '; '.join(f'{k}: checkpoint {tuple(a)} vs model {tuple(b)}' for k, (a, b) in items[:4])
+            shown = '; '.join(f'{k}: checkpoint {tuple(a)} vs model {tuple(b)}'
+                              for k, (a, b) in items[:4])
             raise ValueError(f'checkpoint {where} does not fit this backbone: {len(items)} tensors '
                              f'differ in shape, e.g. {shown}. {self._arch_advice()}')
         if not self.loaded:
@@ -854,7 +862,8 @@ def _model_grid(model: nn.Module, length: int) -> tuple:
 
 
 def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[str] = None,
-                       source: str = '<state_dict>') -> tuple['OrderedDict[str, Tensor]', LoadReport]:
+                       source: str = '<state_dict>'
+                       ) -> tuple['OrderedDict[str, Tensor]', LoadReport]:
     """Pure conversion of any supported checkpoint dict to ``model``'s layout, with its report.
 
     Unwraps, detects the format, maps names, converts PatchMerging channel order, drops buffers,
@@ -893,7 +902,8 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[s
                 report.unused[src] = (f'per-output norm of an output this model does not produce '
                                       f'(out_indices={out_indices})')
             elif key == 'absolute_pos_embed':
-                report.unused[src] = 'absolute position embedding; the model has use_abs_pos_embed=False'
+                report.unused[src] = ('absolute position embedding; the model has '
+                                      'use_abs_pos_embed=False')
             elif key.startswith(('stages.', 'patch_embed.')):
                 report.unexpected.append(key)
                 report.unused[src] = 'backbone tensor the model lacks (different depths?)'
@@ -907,10 +917,11 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[s
                     and value.shape[1] == target.shape[1] \
                     and math.isqrt(value.shape[0]) ** 2 == value.shape[0] \
                     and math.isqrt(target.shape[0]) ** 2 == target.shape[0]:
-                m1, m2 = (math.isqrt(value.shape[0]) + 1) // 2, (math.isqrt(target.shape[0]) + 1) // 2
+                m1 = (math.isqrt(value.shape[0]) + 1) // 2
+                m2 = (math.isqrt(target.shape[0]) + 1) // 2
                 new = resize_relative_position_bias_table(value, m2)
-                report.resized[key] = (f'{tuple(value.shape)} -> {tuple(new.shape)}, window {m1} -> '
-                                       f'{m2}, bicubic per head')
+                report.resized[key] = (f'{tuple(value.shape)} -> {tuple(new.shape)}, '
+                                       f'window {m1} -> {m2}, bicubic per head')
                 value = new
             elif key == 'absolute_pos_embed' and value.dim() == 3 and target.dim() == 3 \
                     and value.shape[2] == target.shape[2]:
@@ -1009,6 +1020,9 @@ def _atomic_write(dst: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
@@ -1026,29 +1040,35 @@ def _atomic_write(dst: Path, write: Callable[[str], None]) -> None:
 
 def _build_target(model_or_arch: Any, state: Mapping[str, Tensor],
                   window_size: Optional[int]) -> nn.Module:
+    """The model to convert for: given, or a SwinBackbone shaped like ``state`` with overrides."""
     from .backbone import SwinBackbone
     if isinstance(model_or_arch, nn.Module):
-        if window_size is not None and getattr(model_or_arch, 'window_size', window_size) != window_size:
-            raise ValueError('give window_size through the model, not both')
         return model_or_arch
-    kwargs: dict = {}
-    if isinstance(model_or_arch, Mapping):
-        kwargs = dict(model_or_arch)
-    elif isinstance(model_or_arch, str):
-        kwargs = dict(arch=model_or_arch)
-    elif model_or_arch is not None:
+    if model_or_arch is not None and not isinstance(model_or_arch, (str, Mapping)):
         raise TypeError(f'model_or_arch must be a module, an arch name, a dict or None, '
                         f'got {type(model_or_arch).__name__}')
-    if not kwargs:  # infer everything from the file
+    kwargs: dict = {}
+    try:  # start from the file's own shape (abs pos embed, mlp ratio, patch size ...)
         arch = infer_arch(state)
         kwargs = {k: arch[k] for k in ('embed_dims', 'depths', 'num_heads', 'window_size',
                                        'patch_size', 'in_channels', 'patch_norm', 'qkv_bias',
                                        'mlp_ratio', 'use_abs_pos_embed', 'pretrain_img_size')
-                  if k in arch}
-        kwargs['strides'] = (kwargs.get('patch_size', 4),) + (2,) * (len(kwargs['depths']) - 1)
-        kwargs['out_indices'] = tuple(range(len(kwargs['depths'])))
+                  if arch.get(k) is not None}
+    except ValueError:
+        if model_or_arch is None:
+            raise
+    explicit = (dict(arch=model_or_arch) if isinstance(model_or_arch, str)
+                else dict(model_or_arch or {}))
+    if 'arch' in explicit:  # the variant defines these; a different file then fails with advice
+        for k in ('embed_dims', 'depths', 'num_heads'):
+            kwargs.pop(k, None)
+    kwargs.update(explicit)
     if window_size is not None:
         kwargs['window_size'] = window_size
+    depths = kwargs.get('depths') or ARCH_SETTINGS.get(kwargs.get('arch', 'tiny'), {}).get(
+        'depths', (2, 2, 6, 2))
+    kwargs.setdefault('strides', (kwargs.get('patch_size', 4),) + (2,) * (len(depths) - 1))
+    kwargs.setdefault('out_indices', tuple(range(len(depths))))
     return SwinBackbone(**kwargs)
 
 
@@ -1072,13 +1092,14 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     """
     src, dst = Path(src), Path(dst)
     checkpoint = read_checkpoint(src, trust_pickle=trust_pickle)
-    if model_or_arch is None or not isinstance(model_or_arch, nn.Module):
+    if isinstance(model_or_arch, nn.Module):
+        if window_size is not None and getattr(model_or_arch, 'window_size', None) != window_size:
+            raise ValueError('window_size is set by the model given; do not pass both')
+        model = model_or_arch
+    else:
         unwrapped = _unwrap(checkpoint, prefix)
         fmt = _refine_format(_detect_layout(unwrapped.state.keys()), unwrapped)
-        mapped_state = _MAPPERS[fmt](unwrapped.state).tensors
-        model = _build_target(model_or_arch, mapped_state, window_size)
-    else:
-        model = _build_target(model_or_arch, {}, window_size)
+        model = _build_target(model_or_arch, _MAPPERS[fmt](unwrapped.state).tensors, window_size)
     state, report = convert_state_dict(checkpoint, model, prefix=prefix, source=str(src))
     report.check()
     state = OrderedDict((k, v.detach().clone().contiguous()) for k, v in state.items())

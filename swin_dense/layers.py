@@ -211,6 +211,33 @@ class ShiftWindowMSA(nn.Module):
         return self.drop(tokens_from_windows(windows, layout))
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` that saves ``h`` only and recomputes the GELU in backward.
+
+    The MLP's hidden activations are the largest tensors a block keeps for backward (4C per
+    token, twice: GELU input and output); keeping one of them cuts training memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        h, weight = ctx.saved_tensors
+        grad_h = grad_weight = grad_bias = None
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = flat_grad.t().mm(F.gelu(h).reshape(-1, h.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.ops.aten.gelu_backward(grad_out.matmul(weight), h)
+        return grad_h, grad_weight, grad_bias
+
+
 class FFN(nn.Module):
     """MLP ``C -> ratio*C -> C`` with activation and dropout; nesting as mmcv's FFN for key names."""
 
@@ -224,6 +251,10 @@ class FFN(nn.Module):
         self.dropout_layer = DropPath(drop_path_rate)
 
     def forward(self, x: Tensor) -> Tensor:
+        (fc1, act, drop), fc2, _ = self.layers
+        if (torch.is_grad_enabled() and type(act) is nn.GELU and act.approximate == 'none'
+                and (drop.p == 0 or not self.training)):
+            return self.dropout_layer(_GeluLinear.apply(fc1(x), fc2.weight, fc2.bias))
         return self.dropout_layer(self.layers(x))
 
 

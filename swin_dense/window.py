@@ -143,6 +143,71 @@ def tokens_from_windows(windows: Tensor, layout: WindowLayout) -> Tensor:
     return windows.reshape(B, -1, C).index_select(1, layout.scatter_index)
 
 
+def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B*nW, N, 3C)`` -> three ``(B*nW, h, N, d)`` views (no copy)."""
+    BW, N, C3 = qkv.shape
+    return qkv.view(BW, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windows: int) -> Tensor:
+    """``softmax(q k^T * scale + bias)``, ``(B*nW, h, N, N)``; scale and bias are applied in place."""
+    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if bias.dim() == 4:  # per-window bias: view the batch as (B, nW) and broadcast over B
+        attn.view(-1, num_windows, *attn.shape[1:]).add_(bias)
+    else:
+        attn.add_(bias)
+    return attn.softmax(dim=-1)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``(B*nW, h, N, d)`` -> ``(B*nW, N, h*d)``."""
+    BW, h, N, d = x.shape
+    return x.transpose(1, 2).reshape(BW, N, h * d)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Window attention that recomputes the attention matrix in backward instead of saving it.
+
+    The ``(B*nW, h, N, N)`` probabilities are larger than the activations themselves (h*N
+    values per token against C), so keeping them for every block dominates training memory.
+    Gradients are those of the plain formula, the bias gradient summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, bias: Tensor, num_heads: int, scale: float,
+                num_windows: int) -> Tensor:
+        q, k, v = _split_heads(qkv, num_heads)
+        out = torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v)
+        ctx.save_for_backward(qkv, bias)
+        ctx.args = (num_heads, scale, num_windows)
+        return _merge_heads(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qkv, bias = ctx.saved_tensors
+        num_heads, scale, num_windows = ctx.args
+        q, k, v = _split_heads(qkv, num_heads)
+        attn = _attention_probs(q, k, bias, scale, num_windows)
+        BW, N, C = grad_out.shape
+        grad_out = grad_out.view(BW, N, num_heads, -1).transpose(1, 2)
+        grads = qkv.new_empty(3, *q.shape)  # dq, dk, dv as (3, B*nW, h, N, d)
+        torch.matmul(attn.transpose(-2, -1), grad_out, out=grads[2])
+        grad_scores = torch._softmax_backward_data(
+            torch.matmul(grad_out, v.transpose(-2, -1)), attn, -1, attn.dtype)
+        del attn
+        torch.matmul(grad_scores, k, out=grads[0])
+        torch.matmul(grad_scores.transpose(-2, -1), q, out=grads[1])
+        grads[:2].mul_(scale)
+        grad_qkv = grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * C)
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            if bias.dim() == 4:
+                grad_bias = grad_scores.view(-1, num_windows, *grad_scores.shape[1:]).sum(0)
+            else:
+                grad_bias = grad_scores.sum(0)
+        return grad_qkv, grad_bias, None, None, None
+
+
 def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
                      num_windows: int, dropout_p: float = 0.0) -> Tensor:
     """Multi-head self-attention inside each window.
@@ -159,13 +224,31 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
     Returns:
         ``(B * nW, N, C)``.
     """
+    bias = bias.to(qkv.dtype)
+    if dropout_p > 0.0 or qkv.is_cuda:
+        return _sdpa_window_attention(qkv, num_heads, scale, bias, num_windows, dropout_p)
+    if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
+        return _WindowAttention.apply(qkv, bias, num_heads, scale, num_windows)
+    q, k, v = _split_heads(qkv, num_heads)
+    return _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
+
+
+def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
+                           num_windows: int, dropout_p: float) -> Tensor:
+    """The same attention through ``scaled_dot_product_attention``.
+
+    Used for attention dropout and on CUDA, where the fused kernels take the bias (with its
+    gradient) and never materialise the probabilities in memory. The batch is viewed as
+    ``(B, nW * h)`` so a per-window bias ``(nW, h, N, N)`` broadcasts over ``B``.
+    """
     BW, N, C3 = qkv.shape
     C = C3 // 3
-    qkv = qkv.view(BW, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B*nW, h, N, d)
-    if bias.dim() == 4:
-        shape = (BW // num_windows, num_windows, num_heads, N, -1)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+    B = BW // num_windows
+    qkv = qkv.view(B, num_windows, N, 3, num_heads, C // num_heads).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv.reshape(3, B, num_windows * num_heads, N, -1).unbind(0)
+    if bias.dim() == 3:
+        bias = bias.unsqueeze(0).expand(num_windows, -1, -1, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, N, N),
                                          dropout_p=dropout_p, scale=scale)
-    return out.reshape(BW, num_heads, N, -1).transpose(1, 2).reshape(BW, N, C)
+    out = out.view(B, num_windows, num_heads, N, -1).permute(0, 1, 3, 2, 4)
+    return out.reshape(BW, N, C)

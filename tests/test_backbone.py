@@ -199,3 +199,18 @@ def test_bad_input_is_a_clear_error(x, error, match):
 def test_bad_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SwinBackbone(**kwargs)
+
+
+def test_ffn_gelu_recompute_gradients_equal_autograd():
+    from swin_dense.layers import FFN
+    torch.manual_seed(0)
+    ffn = FFN(8, 32, dict(type='GELU')).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    out = ffn(x)
+    grads = torch.autograd.grad(out.sum() * 3, [x, *ffn.parameters()])
+    ref_out = ffn.layers[1](torch.nn.functional.gelu(ffn.layers[0][0](x)))
+    ref = torch.autograd.grad(ref_out.sum() * 3, [x, *ffn.parameters()])
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(ffn, (x[:1, :2],))

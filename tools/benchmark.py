@@ -1,0 +1,260 @@
+"""Speed and memory of SwinBackbone against mmdet's SwinTransformer, measured in the same run.
+
+    python tools/benchmark.py                    # CPU, fp32: the table, then JSON
+    python tools/benchmark.py --device cuda --amp fp16 --json results.json
+
+Both backbones get the same weights (ours loads the peer's state dict). Timed runs of the two
+alternate (mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the
+median is reported. Peak memory is measured in isolated child processes (CPU: growth of the
+peak RSS over the process's state before the step; CUDA: ``max_memory_allocated``). Effective
+GFLOP/s uses FLOPs counted by ``torch.utils.flop_counter`` on the peer, against a square fp32
+GEMM timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (name, batch, height, width): the issue's cases, plus 1024^2 for the scaling ratio.
+CASES = [('224x224 b8', 8, 224, 224), ('512x512 b1', 1, 512, 512),
+         ('800x1344 b1', 1, 800, 1344), ('1024x1024 b1', 1, 1024, 1024)]
+IMPLS = ('mmdet', 'ours')
+
+
+def build(impl: str, arch: str, device: str, seed: int = 0) -> torch.nn.Module:
+    """The peer with seeded random weights, or ours loaded with the peer's weights."""
+    from mmdet.models.backbones import SwinTransformer
+
+    from swin_dense import ARCH_SETTINGS, SwinBackbone
+    torch.manual_seed(seed)
+    peer = SwinTransformer(**ARCH_SETTINGS[arch])
+    for name, p in peer.named_parameters():  # non-trivial norms and bias tables
+        if p.dim() == 1 or 'relative_position_bias_table' in name:
+            torch.nn.init.normal_(p, 1.0 if name.endswith('weight') else 0.0, 0.05)
+    if impl == 'mmdet':
+        return peer.to(device)
+    ours = SwinBackbone(arch=arch)
+    state = {k: v for k, v in peer.state_dict().items() if not k.endswith('relative_position_index')}
+    ours.load_state_dict(state, strict=True)
+    return ours.to(device)
+
+
+def sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: str | None
+            ) -> Callable[[], object]:
+    """One inference (eval, no_grad) or one train step (train, forward + backward)."""
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(amp or '')
+    device_type = x.device.type
+
+    def autocast():
+        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+    if mode == 'infer':
+        model.eval()
+
+        def run():
+            with torch.no_grad(), autocast():
+                return model(x)
+    else:
+        model.train()
+
+        def run():
+            with autocast():
+                loss = sum(o.float().square().mean() for o in model(x))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    return run
+
+
+def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str
+                     ) -> dict[str, float]:
+    """Median seconds of each run; runs alternate so machine drift hits all alike."""
+    for run in runs.values():  # warm-up: caches, allocator, lazy init
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
+    """fp32 GEMM rate of this machine, measured now."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    best = float('inf')
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_fn(model, x, mode, None)()
+    return counter.get_total_flops()
+
+
+def max_abs_diff(models: dict[str, torch.nn.Module], x: torch.Tensor, amp: str | None) -> float:
+    outs = {k: step_fn(m, x, 'infer', amp)() for k, m in models.items()}
+    return max((a.float() - b.float()).abs().max().item()
+               for a, b in zip(outs['mmdet'], outs['ours']))
+
+
+def peak_memory_child(impl: str, arch: str, device: str, mode: str, batch: int, h: int, w: int,
+                      amp: str | None) -> float:
+    """Run one step in a fresh process; return its peak memory growth in MiB."""
+    cmd = [sys.executable, __file__, '--child', impl, mode, str(batch), str(h), str(w),
+           '--arch', arch, '--device', device, '--threads', str(torch.get_num_threads())]
+    if amp:
+        cmd += ['--amp', amp]
+    # A fixed mmap threshold makes every tensor of 64 KiB or more its own mapping, returned to
+    # the OS when freed, so RSS follows live memory instead of glibc's retained heap.
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def child(args: argparse.Namespace) -> None:
+    """Entry point of the isolated memory run (prints MiB)."""
+    impl, mode, batch, h, w = args.child
+    model = build(impl, args.arch, args.device)
+    x = torch.randn(int(batch), 3, int(h), int(w), device=args.device)
+    run = step_fn(model, x, mode, args.amp)
+    if args.device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        print((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+    else:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        reset_peak_rss()  # the high-water mark so far includes memory freed after the build
+        base = proc_status_kib('VmRSS')
+        run()
+        print((proc_status_kib('VmHWM') - base) / 1024)
+
+
+def proc_status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak)."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        choices=['cpu', 'cuda'])
+    parser.add_argument('--amp', choices=['fp16', 'bf16'], default=None,
+                        help='autocast dtype (on CPU bf16 matmuls are emulated and slow)')
+    parser.add_argument('--arch', default='tiny', choices=['tiny', 'small', 'base', 'large'])
+    parser.add_argument('--repeats', type=int, default=5, help='timed runs per impl and case')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--cases', nargs='+', default=[c[0] for c in CASES],
+                        choices=[c[0] for c in CASES], metavar='CASE')
+    parser.add_argument('--modes', nargs='+', default=['infer', 'train'],
+                        choices=['infer', 'train'])
+    parser.add_argument('--no-memory', action='store_true', help='skip the isolated memory runs')
+    parser.add_argument('--json', type=Path, default=None, help='also write the results here')
+    parser.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        child(args)
+        return {}
+
+    import warnings
+    warnings.filterwarnings('ignore')
+    device = args.device
+    models = {impl: build(impl, args.arch, device) for impl in IMPLS}
+    gemm = gemm_gflops(device)
+    results = dict(
+        device=torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or
+        platform.machine(),
+        threads=torch.get_num_threads(), torch=torch.__version__, arch=args.arch, amp=args.amp,
+        repeats=args.repeats, gemm_gflops=round(gemm, 1), cases=[])
+    for name, batch, h, w in CASES:
+        if name not in args.cases:
+            continue
+        x = torch.randn(batch, 3, h, w, device=device)
+        diff = max_abs_diff(models, x, args.amp)
+        for mode in args.modes:
+            times = time_interleaved({k: step_fn(m, x, mode, args.amp) for k, m in models.items()},
+                                     args.repeats, device)
+            flops = count_flops(models['mmdet'], x, mode)
+            row = dict(case=name, mode=mode, mmdet_s=times['mmdet'], ours_s=times['ours'],
+                       speedup=times['mmdet'] / times['ours'], gflop=flops / 1e9,
+                       mmdet_gflops=flops / times['mmdet'] / 1e9,
+                       ours_gflops=flops / times['ours'] / 1e9, max_abs_diff=diff)
+            if not args.no_memory:
+                mem = {impl: peak_memory_child(impl, args.arch, device, mode, batch, h, w, args.amp)
+                       for impl in IMPLS}
+                row.update(mmdet_mib=mem['mmdet'], ours_mib=mem['ours'],
+                           memory_ratio=mem['ours'] / mem['mmdet'] if mem['mmdet'] > 0 else None)
+            results['cases'].append(row)
+            print_row(row, gemm, first=len(results['cases']) == 1, results=results)
+    infer = {r['case']: r for r in results['cases'] if r['mode'] == 'infer'}
+    if '512x512 b1' in infer and '1024x1024 b1' in infer:
+        results['scaling_1024_over_512'] = {
+            impl: infer['1024x1024 b1'][f'{impl}_s'] / infer['512x512 b1'][f'{impl}_s']
+            for impl in IMPLS}
+        print('time(1024^2) / time(512^2), inference (linear cost gives 4.0): ' + ', '.join(
+            f'{k} {v:.2f}' for k, v in results['scaling_1024_over_512'].items()))
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def print_row(row: dict, gemm: float, first: bool, results: dict) -> None:
+    if first:
+        print(f"# {results['device']}, {results['threads']} threads, torch {results['torch']}, "
+              f"Swin-{results['arch'][0].upper()}, amp={results['amp']}, fp32 GEMM "
+              f"{gemm:.0f} GFLOP/s, median of {results['repeats']}")
+        print(f"{'case':<14}{'mode':<7}{'mmdet s':>9}{'ours s':>9}{'speedup':>9}"
+              f"{'GFLOP/s mm/ours':>17}{'%GEMM ours':>11}{'mem MiB mm/ours':>17}{'mem ratio':>10}"
+              f"{'max|diff|':>11}")
+    mem = f"{'-':>17}{'-':>10}"
+    if row.get('memory_ratio') is not None:
+        mem = f"{row['mmdet_mib']:>8.0f}/{row['ours_mib']:<8.0f}{row['memory_ratio']:>10.2f}"
+    print(f"{row['case']:<14}{row['mode']:<7}{row['mmdet_s']:>9.3f}{row['ours_s']:>9.3f}"
+          f"{row['speedup']:>8.2f}x{row['mmdet_gflops']:>9.0f}/{row['ours_gflops']:<7.0f}"
+          f"{100 * row['ours_gflops'] / gemm:>10.0f}%{mem}{row['max_abs_diff']:>11.1e}", flush=True)
+
+
+if __name__ == '__main__':
+    main()

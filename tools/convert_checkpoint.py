@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Convert a Swin Transformer checkpoint of any supported layout to swin_dense's native layout.
+
+    python tools/convert_checkpoint.py SRC DST [--arch tiny|small|base|large] [--window-size N]
+                                       [--prefix P] [--trust-pickle]
+
+Supported sources: microsoft/Swin-Transformer (classification, 1K or 22K head), the official
+detection / segmentation repos, mmdet / mmseg / mmpretrain files, timm >= 0.9, torchvision.
+DST ending in ``.safetensors`` gets a safetensors file, anything else ``{'state_dict': ...}``.
+Without ``--arch`` the shape is taken from SRC; ``--window-size`` resizes the relative-position
+tables (e.g. 7 -> 12). Prints what was loaded, converted, resized and left out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _import_module():
+    try:
+        from swin_dense import checkpoint
+    except ImportError:  # run from a checkout without installing: use the repository root
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from swin_dense import checkpoint
+    return checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Convert a Swin Transformer checkpoint (official, official detection, mmdet, '
+                    'mmseg, mmpretrain, timm, torchvision) to the swin_dense / mmdet layout.')
+    parser.add_argument('src', help='source checkpoint (.pth, .pth.tar, .bin, .safetensors)')
+    parser.add_argument('dst', help='output file; .safetensors or a torch file')
+    parser.add_argument('--arch', choices=['tiny', 'small', 'base', 'large'],
+                        help='target variant (default: inferred from SRC)')
+    parser.add_argument('--window-size', type=int, default=None,
+                        help='target window (default: that of SRC); tables are resized bicubically')
+    parser.add_argument('--prefix', default=None,
+                        help="keep only the keys under this prefix (e.g. 'backbone.')")
+    parser.add_argument('--trust-pickle', action='store_true',
+                        help='allow arbitrary pickled objects in SRC (trusted files only)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    checkpoint = _import_module()
+    try:
+        report = checkpoint.convert_checkpoint(
+            args.src, args.dst, args.arch, window_size=args.window_size, prefix=args.prefix,
+            trust_pickle=args.trust_pickle, logger='silent')
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
