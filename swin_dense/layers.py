@@ -220,6 +220,7 @@ class _GeluLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """``h``: ``(L, hidden)`` -> ``(L, out)``; 2-d so that the output is no view."""
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
         return F.linear(F.gelu(h), weight, bias)
@@ -228,13 +229,12 @@ class _GeluLinear(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         h, weight = ctx.saved_tensors
         grad_h = grad_weight = grad_bias = None
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_weight = flat_grad.t().mm(F.gelu(h).reshape(-1, h.shape[-1]))
+            grad_weight = grad_out.t().mm(F.gelu(h))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat_grad.sum(0)
+            grad_bias = grad_out.sum(0)
         if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.gelu_backward(grad_out.matmul(weight), h)
+            grad_h = torch.ops.aten.gelu_backward(grad_out.mm(weight), h)
         return grad_h, grad_weight, grad_bias
 
 
@@ -252,9 +252,13 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         (fc1, act, drop), fc2, _ = self.layers
-        if (torch.is_grad_enabled() and type(act) is nn.GELU and act.approximate == 'none'
-                and (drop.p == 0 or not self.training)):
-            return self.dropout_layer(_GeluLinear.apply(fc1(x), fc2.weight, fc2.bias))
+        plain_gelu = type(act) is nn.GELU and act.approximate == 'none'
+        if plain_gelu and not torch.is_grad_enabled():  # inference: GELU in place
+            return self.dropout_layer(fc2(drop(torch.ops.aten.gelu_(fc1(x)))))
+        if plain_gelu and (drop.p == 0 or not self.training):
+            h = fc1(x)
+            out = _GeluLinear.apply(h.reshape(-1, h.shape[-1]), fc2.weight, fc2.bias)
+            return self.dropout_layer(out.view(*h.shape[:-1], -1))
         return self.dropout_layer(self.layers(x))
 
 
@@ -277,8 +281,10 @@ class SwinBlock(nn.Module):
         self.ffn = FFN(embed_dims, feedforward_channels, act_cfg, drop_rate, drop_path_rate)
 
     def _forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = x + self.attn(self.norm1(x), hw)
-        return x + self.ffn(self.norm2(x))
+        # Residuals are added into the branch outputs, which are fresh tensors that nothing else
+        # holds: the same sums, one allocation fewer each.
+        x = self.attn(self.norm1(x), hw).add_(x)
+        return self.ffn(self.norm2(x)).add_(x)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         if self.with_cp and self.training and torch.is_grad_enabled():

@@ -37,8 +37,8 @@ class WindowLayout:
         window_size: ``M``.
         shift_size: cyclic shift applied before partitioning (0 for W-MSA).
         num_windows: ``nW = ceil(H / M) * ceil(W / M)``.
-        gather_index: ``(nW * N,)`` source token of each window slot; ``H * W`` names the zero
-            padding token appended after the map.
+        gather_index: ``(nW * N,)`` source token of each window slot (0 for padding slots).
+        pad_slots: ``(P,)`` the window slots that hold zero padding, or None when there are none.
         scatter_index: ``(H * W,)`` window slot of each token of the map (the inverse gather).
         mask: ``(nW, N, N)`` additive shift mask (0 or -100), or None when ``shift_size == 0``.
     """
@@ -49,12 +49,13 @@ class WindowLayout:
     shift_size: int
     num_windows: int
     gather_index: Tensor
+    pad_slots: Optional[Tensor]
     scatter_index: Tensor
     mask: Optional[Tensor]
 
     @property
     def needs_padding(self) -> bool:
-        return self.num_windows * self.window_size ** 2 != self.height * self.width
+        return self.pad_slots is not None
 
 
 def padded_size(size: int, multiple: int) -> int:
@@ -91,11 +92,12 @@ def window_layout(height: int, width: int, window_size: int, shift_size: int,
     cols = (torch.arange(Wp).view(1, nw, 1, M) + shift_size) % Wp
     rows, cols = torch.broadcast_tensors(rows, cols)  # (nh, nw, M, M)
     inside = (rows < height) & (cols < width)
-    gather = torch.where(inside, rows * width + cols, torch.full_like(rows, height * width))
-    gather = gather.reshape(-1)
-    scatter = torch.empty(height * width, dtype=torch.long)
+    inside = inside.reshape(-1)
+    gather = torch.where(inside, (rows * width + cols).reshape(-1), 0)
     slots = torch.arange(gather.numel())
-    scatter[gather[inside.reshape(-1)]] = slots[inside.reshape(-1)]
+    scatter = torch.empty(height * width, dtype=torch.long)
+    scatter[gather[inside]] = slots[inside]
+    pad_slots = slots[~inside].to(device) if not inside.all() else None
 
     mask = None
     if shift_size > 0:
@@ -105,7 +107,7 @@ def window_layout(height: int, width: int, window_size: int, shift_size: int,
         label = (region_h * 3 + region_w).reshape(nh * nw, M * M)
         mask = (label.unsqueeze(1) != label.unsqueeze(2)).float() * MASK_VALUE
         mask = mask.to(device)
-    return WindowLayout(height, width, M, shift_size, nh * nw, gather.to(device),
+    return WindowLayout(height, width, M, shift_size, nh * nw, gather.to(device), pad_slots,
                         scatter.to(device), mask)
 
 
@@ -131,9 +133,10 @@ def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
 def windows_from_tokens(x: Tensor, layout: WindowLayout) -> Tensor:
     """Pad, roll and partition in one gather: ``(B, H*W, C)`` -> ``(B * nW, N, C)``."""
     B, L, C = x.shape
-    if layout.needs_padding:
-        x = torch.cat([x, x.new_zeros(B, 1, C)], dim=1)
-    return x.index_select(1, layout.gather_index).view(B * layout.num_windows, -1, C)
+    windows = x.index_select(1, layout.gather_index)
+    if layout.pad_slots is not None:
+        windows.index_fill_(1, layout.pad_slots, 0)
+    return windows.view(B * layout.num_windows, -1, C)
 
 
 def tokens_from_windows(windows: Tensor, layout: WindowLayout) -> Tensor:
