@@ -168,19 +168,6 @@ def register_mmengine_safe_globals() -> None:
     torch.serialization.add_safe_globals(mmengine_safe_globals())
 
 
-def _url_to_local(url: str) -> Path:
-    """Download ``http(s)://`` checkpoints once into torch's hub cache, like mmengine does."""
-    from urllib.parse import urlparse
-    name = os.path.basename(urlparse(url).path) or 'checkpoint.pth'
-    directory = Path(torch.hub.get_dir()) / 'checkpoints'
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    if not target.exists():
-        print_log(f'downloading {url} to {target}', logger='current')
-        torch.hub.download_url_to_file(url, str(target), progress=False)
-    return target
-
-
 def _corrupt(path: Path, error: BaseException) -> ValueError:
     size = path.stat().st_size
     head = open(path, 'rb').read(4)
@@ -223,7 +210,7 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     ``.safetensors`` files load with safetensors. Other files load with
     ``torch.load(map_location='cpu', weights_only=True)`` plus the data-only types mmengine
     writes (:func:`mmengine_safe_globals`), so mmengine training checkpoints load without
-    executing pickled code. ``http(s)://`` paths are downloaded once into torch's hub cache.
+    executing pickled code. Nothing is downloaded: a URL is an error that says so.
 
     Args:
         path: the checkpoint file.
@@ -235,11 +222,16 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
             ``trust_pickle`` is False; names the offending globals and the opt-in.
         ValueError: the file is truncated, corrupt, or not a checkpoint.
     """
-    if isinstance(path, str) and path.startswith(('http://', 'https://')):
-        path = _url_to_local(path)
+    if isinstance(path, str) and '://' in path:
+        raise ValueError(f'{path} is a URL: swin_dense never downloads. Download the file '
+                         'yourself and point init_cfg.checkpoint (or the config\'s `pretrained`) '
+                         'at the local path')
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        raise FileNotFoundError(
+            f'checkpoint file not found: {path} (relative paths start at the working directory '
+            f'{Path.cwd()}). Point init_cfg.checkpoint at a local file, or train from scratch with '
+            f'init_cfg=None')
     if path.is_dir():
         raise ValueError(f'checkpoint path {path} is a directory, not a checkpoint file')
 
@@ -983,7 +975,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], prefix: Opt
 
     Args:
         model: a SwinBackbone (or a module with the same parameter names).
-        path: the checkpoint (local file or http(s) URL).
+        path: the checkpoint, a local file.
         prefix: keep only the keys under this prefix (mmengine's ``prefix`` of ``Pretrained``).
         trust_pickle: allow arbitrary pickled objects (trusted legacy files only). ``None`` reads
             ``model.init_cfg['trust_pickle']`` (``init_cfg=dict(type='Pretrained', checkpoint=...,

@@ -229,12 +229,13 @@ class _GeluLinear(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         h, weight = ctx.saved_tensors
         grad_h = grad_weight = grad_bias = None
+        # Under autocast the forward ran in h's dtype; gradients return in each input's dtype.
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_out.t().mm(F.gelu(h))
+            grad_weight = grad_out.t().mm(F.gelu(h).to(grad_out.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum(0)
+            grad_bias = grad_out.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.gelu_backward(grad_out.mm(weight), h)
+            grad_h = torch.ops.aten.gelu_backward(grad_out.mm(weight.to(grad_out.dtype)).to(h.dtype), h)
         return grad_h, grad_weight, grad_bias
 
 

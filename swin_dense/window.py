@@ -153,8 +153,16 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windows: int) -> Tensor:
-    """``softmax(q k^T * scale + bias)``, ``(B*nW, h, N, N)``; scale and bias are applied in place."""
-    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    """``softmax(q k^T * scale + bias)``, ``(B*nW, h, N, N)``.
+
+    The scale is applied inside the GEMM (``alpha``), so fp16 logits never exist unscaled, and
+    the bias is added in place.
+    """
+    BW, h, N, d = q.shape
+    attn = q.new_empty(BW * h, N, N)
+    torch.baddbmm(attn, q.reshape(BW * h, N, d), k.reshape(BW * h, N, d).transpose(1, 2),
+                  beta=0, alpha=scale, out=attn)
+    attn = attn.view(BW, h, N, N)
     if bias.dim() == 4:  # per-window bias: view the batch as (B, nW) and broadcast over B
         attn.view(-1, num_windows, *attn.shape[1:]).add_(bias)
     else:

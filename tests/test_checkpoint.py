@@ -935,3 +935,9 @@ def test_report_is_a_dataclass_with_readable_text(official):
     text = str(report)
     assert text.splitlines()[0] == 'SwinBackbone weights from x.pth'
     assert 'buffer' in text and 'x layers.*.blocks.*.attn.relative_position_index' in text
+
+
+def test_a_url_is_refused_not_downloaded():
+    from swin_dense.checkpoint import read_checkpoint
+    with pytest.raises(ValueError, match='never downloads'):
+        read_checkpoint('https://example.invalid/swin_tiny_patch4_window7_224.pth')
