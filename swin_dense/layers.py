@@ -173,8 +173,9 @@ class WindowMSA(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
         bias = self.attention_bias(mask)
         x = window_attention(self.qkv(x), self.num_heads, self.scale, bias, num_windows,
+                             self.proj.weight, self.proj.bias,
                              self.attn_drop_rate if self.training else 0.0)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(x)
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cached bias
         self._bias_cache = {}

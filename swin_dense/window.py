@@ -177,31 +177,45 @@ def _merge_heads(x: Tensor) -> Tensor:
 
 
 class _WindowAttention(torch.autograd.Function):
-    """Window attention that recomputes the attention matrix in backward instead of saving it.
+    """Window attention and output projection, recomputing the attention in backward.
 
-    The ``(B*nW, h, N, N)`` probabilities are larger than the activations themselves (h*N
-    values per token against C), so keeping them for every block dominates training memory.
-    Gradients are those of the plain formula, the bias gradient summed over the batch.
+    Nothing but ``qkv`` is kept for backward: the ``(B*nW, h, N, N)`` probabilities (h*N values
+    per token, more than the C channels) and the projection's input are recomputed from it.
+    Gradients are those of the plain formula; the bias gradient is summed over the batch.
+    Works on 2-d token rows so that its output is no view (callers add residuals in place).
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, bias: Tensor, num_heads: int, scale: float,
-                num_windows: int) -> Tensor:
+    def forward(ctx, qkv: Tensor, bias: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor],
+                num_heads: int, scale: float, num_windows: int) -> Tensor:
         q, k, v = _split_heads(qkv, num_heads)
-        out = torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v)
-        ctx.save_for_backward(qkv, bias)
-        ctx.args = (num_heads, scale, num_windows)
-        return _merge_heads(out)
+        out = _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
+        ctx.save_for_backward(qkv, bias, proj_weight)
+        ctx.args = (num_heads, scale, num_windows, proj_bias is not None)
+        # Under autocast the projection runs in the dtype of qkv, as F.linear would.
+        out = out.view(-1, out.shape[-1])
+        weight = proj_weight.to(out.dtype)
+        if proj_bias is None:
+            return out.mm(weight.t())
+        return torch.addmm(proj_bias.to(out.dtype), out, weight.t())
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        qkv, bias = ctx.saved_tensors
-        num_heads, scale, num_windows = ctx.args
+    def backward(ctx, grad_y: Tensor):
+        qkv, bias, proj_weight = ctx.saved_tensors
+        num_heads, scale, num_windows, has_proj_bias = ctx.args
         q, k, v = _split_heads(qkv, num_heads)
         attn = _attention_probs(q, k, bias, scale, num_windows)
-        BW, N, C = grad_out.shape
-        grad_out = grad_out.view(BW, N, num_heads, -1).transpose(1, 2)
-        grads = qkv.new_empty(3, *q.shape)  # dq, dk, dv as (3, B*nW, h, N, d)
+        BW, h, N, d = q.shape
+        grad_y = grad_y.to(qkv.dtype)
+        grad_proj_weight = grad_proj_bias = None
+        if ctx.needs_input_grad[2]:
+            out = _merge_heads(torch.matmul(attn, v)).view(BW * N, h * d)
+            grad_proj_weight = grad_y.t().mm(out).to(proj_weight.dtype)
+            del out
+        if has_proj_bias and ctx.needs_input_grad[3]:
+            grad_proj_bias = grad_y.sum(0).to(proj_weight.dtype)
+        grad_out = grad_y.mm(proj_weight.to(grad_y.dtype)).view(BW, N, h, d).transpose(1, 2)
+        grads = qkv.new_empty(3, BW, h, N, d)  # dq, dk, dv
         torch.matmul(attn.transpose(-2, -1), grad_out, out=grads[2])
         grad_scores = torch._softmax_backward_data(
             torch.matmul(grad_out, v.transpose(-2, -1)), attn, -1, attn.dtype)
@@ -209,19 +223,20 @@ class _WindowAttention(torch.autograd.Function):
         torch.matmul(grad_scores, k, out=grads[0])
         torch.matmul(grad_scores.transpose(-2, -1), q, out=grads[1])
         grads[:2].mul_(scale)
-        grad_qkv = grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * C)
+        grad_qkv = grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * h * d)
         grad_bias = None
         if ctx.needs_input_grad[1]:
             if bias.dim() == 4:
                 grad_bias = grad_scores.view(-1, num_windows, *grad_scores.shape[1:]).sum(0)
             else:
                 grad_bias = grad_scores.sum(0)
-        return grad_qkv, grad_bias, None, None, None
+        return grad_qkv, grad_bias, grad_proj_weight, grad_proj_bias, None, None, None
 
 
 def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
-                     num_windows: int, dropout_p: float = 0.0) -> Tensor:
-    """Multi-head self-attention inside each window.
+                     num_windows: int, proj_weight: Tensor, proj_bias: Optional[Tensor] = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """Multi-head self-attention inside each window, followed by the output projection.
 
     Args:
         qkv: ``(B * nW, N, 3 * C)``, the output of the qkv projection.
@@ -230,18 +245,25 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
         bias: additive attention bias, ``(h, N, N)`` (W-MSA) or ``(nW, h, N, N)`` with the shift
             mask folded in (SW-MSA); it broadcasts over the batch, never expanded.
         num_windows: ``nW``, to view the batch as ``(B, nW)`` for a per-window bias.
+        proj_weight, proj_bias: the output projection ``(C, C)``, ``(C,)``.
         dropout_p: attention dropout probability (0 in eval).
 
     Returns:
         ``(B * nW, N, C)``.
     """
+    BW, N, C3 = qkv.shape
     bias = bias.to(qkv.dtype)
     if dropout_p > 0.0 or qkv.is_cuda:
-        return _sdpa_window_attention(qkv, num_heads, scale, bias, num_windows, dropout_p)
-    if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
-        return _WindowAttention.apply(qkv, bias, num_heads, scale, num_windows)
+        out = _sdpa_window_attention(qkv, num_heads, scale, bias, num_windows, dropout_p)
+        return F.linear(out, proj_weight, proj_bias)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qkv, bias, proj_weight, proj_bias)):
+        out = _WindowAttention.apply(qkv, bias, proj_weight, proj_bias, num_heads, scale,
+                                     num_windows)
+        return out.view(BW, N, -1)
     q, k, v = _split_heads(qkv, num_heads)
-    return _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
+    out = _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
+    return F.linear(out, proj_weight, proj_bias)
 
 
 def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,

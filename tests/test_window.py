@@ -118,12 +118,13 @@ def test_window_attention_equals_explicit_softmax():
     B, nW, N, h, d = 2, 3, 49, 4, 8
     qkv = torch.randn(B * nW, N, 3 * h * d)
     bias = torch.randn(nW, h, N, N)
-    out = window_attention(qkv, h, d ** -0.5, bias, nW)
+    weight, proj_bias = torch.randn(h * d, h * d), torch.randn(h * d)
+    out = window_attention(qkv, h, d ** -0.5, bias, nW, weight, proj_bias)
     q, k, v = qkv.view(B * nW, N, 3, h, d).permute(2, 0, 3, 1, 4)
     attn = (q * d ** -0.5) @ k.transpose(-2, -1)
     attn = attn.view(B, nW, h, N, N) + bias.unsqueeze(0)
     ref = (attn.view(-1, h, N, N).softmax(-1) @ v).transpose(1, 2).reshape(B * nW, N, h * d)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, F.linear(ref, weight, proj_bias), rtol=0, atol=1e-4)
 
 
 def plain_attention(qkv, h, scale, bias, nW):
@@ -139,20 +140,26 @@ def plain_attention(qkv, h, scale, bias, nW):
 def test_window_attention_gradients_equal_autograd(per_window):
     torch.manual_seed(0)
     B, nW, N, h, d = 2, 3, 16, 2, 4
-    qkv = torch.randn(B * nW, N, 3 * h * d, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(*((nW,) if per_window else ()), h, N, N, dtype=torch.float64,
-                       requires_grad=True)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    qkv = torch.randn(B * nW, N, 3 * h * d, **f64)
+    bias = torch.randn(*((nW,) if per_window else ()), h, N, N, **f64)
+    weight, proj_bias = torch.randn(h * d, h * d, **f64), torch.randn(h * d, **f64)
+    inputs = (qkv, bias, weight, proj_bias)
     grad_out = torch.randn(B * nW, N, h * d, dtype=torch.float64)
     results = []
-    for fn in (window_attention, plain_attention):
-        out = fn(qkv, h, d ** -0.5, bias, nW)
-        results.append((out, *torch.autograd.grad(out, (qkv, bias), grad_out)))
+    for fn in (window_attention,
+               lambda *a: F.linear(plain_attention(*a[:5]), a[5], a[6])):
+        out = fn(qkv, h, d ** -0.5, bias, nW, weight, proj_bias)
+        results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     # Finite differences on a tiny case, independent of any autograd formula.
-    small_qkv, small_bias = qkv[:nW, :4, :6].detach().clone(), bias[..., :1, :4, :4].detach()
-    assert torch.autograd.gradcheck(lambda a, b: window_attention(a, 1, 0.5, b, nW),
-                                    (small_qkv.requires_grad_(), small_bias.requires_grad_()))
+    small = (qkv[:nW, :4, :6].detach().clone().requires_grad_(),
+             bias[..., :1, :4, :4].detach().clone().requires_grad_(),
+             weight[:2, :2].detach().clone().requires_grad_(),
+             proj_bias[:2].detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda a, b, w, c: window_attention(a, 1, 0.5, b, nW, w, c), small)
 
 
 @pytest.mark.parametrize('per_window', [False, True])
