@@ -155,7 +155,9 @@ class WindowMSA(nn.Module):
         Without autograd (eval, no_grad) the result is cached until the table changes.
         """
         table = self.relative_position_bias_table
-        caching = not (torch.is_grad_enabled() and table.requires_grad)
+        # torch.compile traces the plain computation; eager inference reuses the result.
+        caching = not (torch.is_grad_enabled() and table.requires_grad
+                       or torch.compiler.is_compiling())
         key = (table._version, table.data_ptr(), table.dtype, None if mask is None else id(mask))
         if caching and key in self._bias_cache:
             return self._bias_cache[key]
@@ -166,7 +168,7 @@ class WindowMSA(nn.Module):
             if len(self._bias_cache) > 8:
                 self._bias_cache.clear()
             self._bias_cache[key] = bias
-        else:
+        elif self._bias_cache and not torch.compiler.is_compiling():
             self._bias_cache.clear()
         return bias
 

@@ -91,13 +91,17 @@ def window_layout(height: int, width: int, window_size: int, shift_size: int,
     rows = (torch.arange(Hp).view(nh, 1, M, 1) + shift_size) % Hp
     cols = (torch.arange(Wp).view(1, nw, 1, M) + shift_size) % Wp
     rows, cols = torch.broadcast_tensors(rows, cols)  # (nh, nw, M, M)
-    inside = (rows < height) & (cols < width)
-    inside = inside.reshape(-1)
+    inside = ((rows < height) & (cols < width)).reshape(-1)
     gather = torch.where(inside, (rows * width + cols).reshape(-1), 0)
-    slots = torch.arange(gather.numel())
-    scatter = torch.empty(height * width, dtype=torch.long)
-    scatter[gather[inside]] = slots[inside]
-    pad_slots = slots[~inside].to(device) if not inside.all() else None
+    # Inverse: token (r, c) sits at shifted-grid position ((r - s) % Hp, (c - s) % Wp).
+    r = (torch.arange(height).view(-1, 1) - shift_size) % Hp
+    c = (torch.arange(width).view(1, -1) - shift_size) % Wp
+    scatter = ((r // M * nw + c // M) * M + r % M) * M + c % M
+    # No data-dependent shapes anywhere (torch.compile traces this): the padding slots are the
+    # first Hp*Wp - H*W entries of a stable sort that puts the outside slots first.
+    num_pad = Hp * Wp - height * width
+    pad_slots = (torch.argsort(inside.int(), stable=True)[:num_pad].to(device)
+                 if num_pad else None)
 
     mask = None
     if shift_size > 0:
@@ -108,7 +112,7 @@ def window_layout(height: int, width: int, window_size: int, shift_size: int,
         mask = (label.unsqueeze(1) != label.unsqueeze(2)).float() * MASK_VALUE
         mask = mask.to(device)
     return WindowLayout(height, width, M, shift_size, nh * nw, gather.to(device), pad_slots,
-                        scatter.to(device), mask)
+                        scatter.reshape(-1).to(device), mask)
 
 
 @functools.lru_cache(maxsize=16)
@@ -268,20 +272,22 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
 
 def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
                            num_windows: int, dropout_p: float) -> Tensor:
-    """The same attention through ``scaled_dot_product_attention``.
+    """The same attention (without the projection) through ``scaled_dot_product_attention``.
 
     Used for attention dropout and on CUDA, where the fused kernels take the bias (with its
-    gradient) and never materialise the probabilities in memory. The batch is viewed as
-    ``(B, nW * h)`` so a per-window bias ``(nW, h, N, N)`` broadcasts over ``B``.
+    gradient) and never materialise the probabilities. The bias broadcasts, never expanded
+    over the batch: ``(1, h, N, N)`` over ``B * nW`` windows, or, per window, ``(1, nW * h, N,
+    N)`` with the batch viewed as ``(B, nW * h)``. Returns ``(B * nW, N, C)``.
     """
     BW, N, C3 = qkv.shape
-    C = C3 // 3
-    B = BW // num_windows
-    qkv = qkv.view(B, num_windows, N, 3, num_heads, C // num_heads).permute(3, 0, 1, 4, 2, 5)
-    q, k, v = qkv.reshape(3, B, num_windows * num_heads, N, -1).unbind(0)
     if bias.dim() == 3:
-        bias = bias.unsqueeze(0).expand(num_windows, -1, -1, -1)
+        q, k, v = _split_heads(qkv, num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),
+                                             dropout_p=dropout_p, scale=scale)
+        return _merge_heads(out)
+    B, d = BW // num_windows, C3 // (3 * num_heads)
+    qkv = qkv.view(B, num_windows, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv.reshape(3, B, num_windows * num_heads, N, d).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, N, N),
                                          dropout_p=dropout_p, scale=scale)
-    out = out.view(B, num_windows, num_heads, N, -1).permute(0, 1, 3, 2, 4)
-    return out.reshape(BW, N, C)
+    return out.view(B, num_windows, num_heads, N, d).permute(0, 1, 3, 2, 4).reshape(BW, N, -1)
