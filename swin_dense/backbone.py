@@ -131,7 +131,10 @@ class SwinBackbone(BaseModule):
 
         embed_dims, depths, num_heads = _resolve_arch(arch, embed_dims, depths, num_heads)
         _check_arguments(embed_dims, patch_size, window_size, depths, num_heads, strides,
-                         out_indices, frozen_stages, in_channels, mlp_ratio)
+                         out_indices, frozen_stages, in_channels, mlp_ratio,
+                         rates=dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                    drop_path_rate=drop_path_rate),
+                         cfgs=dict(act_cfg=act_cfg, norm_cfg=norm_cfg))
         num_stages = len(depths)
         self.arch = arch
         self.in_channels = in_channels
@@ -151,6 +154,10 @@ class SwinBackbone(BaseModule):
                                       norm_cfg if patch_norm else None)
         if use_abs_pos_embed:
             grid = (self.pretrain_img_size[0] // patch_size, self.pretrain_img_size[1] // patch_size)
+            if min(grid) < 1:
+                raise ValueError(f'pretrain_img_size {self.pretrain_img_size} is smaller than '
+                                 f'patch_size={patch_size}: use_abs_pos_embed needs at least one '
+                                 'patch (the image size the weights were pretrained at, e.g. 224)')
             self.pos_embed_grid = grid
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims))
         self.drop_after_pos = nn.Dropout(p=drop_rate)
@@ -268,6 +275,15 @@ class SwinBackbone(BaseModule):
         if not x.is_floating_point():
             raise TypeError(f'SwinBackbone expects a floating-point image (normalised), got dtype '
                             f'{x.dtype}; convert with x.float() after normalisation')
+        weight = self.patch_embed.projection.weight
+        if x.device != weight.device:
+            raise ValueError(f'the input is on {x.device} but SwinBackbone is on {weight.device}; '
+                             f'move one of them: x.to({str(weight.device)!r}) or '
+                             f'model.to({str(x.device)!r})')
+        if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(f'the input is {x.dtype} but SwinBackbone is {weight.dtype}; convert '
+                            f'one of them (x.to({weight.dtype}) or model.to({x.dtype})), or run '
+                            f"mixed precision under torch.autocast('{x.device.type}')")
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'SwinBackbone got an empty image of shape {tuple(x.shape)}')
 
@@ -285,8 +301,15 @@ class SwinBackbone(BaseModule):
         """``(B, Cin, H, W)`` -> tuple of ``(B, C_i, H_i, W_i)`` for i in ``out_indices``."""
         self._check_input(x)
         if x.shape[0] == 0:
-            return tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i))
+            outs = tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i))
                          for i in self.out_indices)
+            if torch.is_grad_enabled():  # keep backward (and DDP's gradient sync) working
+                anchor = sum(p.view(-1)[:1].sum() * 0 for p in self.parameters() if p.requires_grad)
+                if x.requires_grad:
+                    anchor = anchor + x.sum() * 0
+                if isinstance(anchor, Tensor):
+                    outs = tuple(o + anchor.to(o.dtype) for o in outs)
+            return outs
         x, hw = self.patch_embed(x)
         if self.use_abs_pos_embed:
             x = x + self._position_embedding(hw)
@@ -309,10 +332,24 @@ class SwinBackbone(BaseModule):
         return h, w
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return False
+
+
+def _int_tuple(value, name: str) -> tuple:
+    """A list/tuple argument as a tuple; a clear TypeError for anything else (e.g. an int)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f'{name} must be a list or tuple of ints (one per stage), got {value!r}')
+    return tuple(value)
+
+
 def _resolve_arch(arch: Optional[str], embed_dims: int, depths: Sequence[int],
                   num_heads: Sequence[int]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """Apply the ``arch`` shorthand; explicit non-default values must agree with it."""
-    depths, num_heads = tuple(depths), tuple(num_heads)
+    depths, num_heads = _int_tuple(depths, 'depths'), _int_tuple(num_heads, 'num_heads')
     if arch is None:
         return embed_dims, depths, num_heads
     if not isinstance(arch, str) or _ARCH_ALIASES.get(arch.lower(), arch.lower()) not in ARCH_SETTINGS:
@@ -328,8 +365,21 @@ def _resolve_arch(arch: Optional[str], embed_dims: int, depths: Sequence[int],
 
 def _check_arguments(embed_dims: int, patch_size: int, window_size: int, depths: Sequence[int],
                      num_heads: Sequence[int], strides: Sequence[int], out_indices: Sequence[int],
-                     frozen_stages: int, in_channels: int, mlp_ratio: float) -> None:
+                     frozen_stages: int, in_channels: int, mlp_ratio: float,
+                     rates: Optional[dict] = None, cfgs: Optional[dict] = None) -> None:
     """Fail early, with the fix, on arguments the model cannot be built with."""
+    for name, value in (rates or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f'{name} is a probability in [0, 1], got {value!r}')
+    for name, value in (cfgs or {}).items():
+        if not isinstance(value, dict) or 'type' not in value:
+            raise TypeError(f"{name} must be a dict with a 'type', e.g. "
+                            f"{dict(act_cfg=dict(type='GELU'), norm_cfg=dict(type='LN'))[name]}, "
+                            f'got {value!r}')
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)):
+        raise TypeError(f'mlp_ratio must be a number, got {mlp_ratio!r}')
+    out_indices = _int_tuple(out_indices, 'out_indices')
+    strides = _int_tuple(strides, 'strides')
     def positive_int(value, name):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f'{name} must be a positive int, got {value!r}')

@@ -19,7 +19,8 @@ The tools parse their arguments (the upstream options of mmdet 3.3.0 / mmseg 1.2
 7. :func:`check_channels` - the neck's (or mmseg heads') ``in_channels`` must match the
    backbone's ``out_channels`` (:class:`ChannelMismatchError`);
 8. :func:`adapt_to_device` - on a machine without CUDA: gloo instead of nccl, no
-   ``cudnn_benchmark``, DDP without ``device_ids``; AMP there is a clear error;
+   ``cudnn_benchmark``, DDP without ``device_ids``, SyncBN as BN when distributed; AMP there
+   trains with bf16 autocast (:mod:`swin_dense.amp`);
 
 then apply the tool's options exactly as the upstream tools do and build the Runner
 (``Runner.from_cfg``, or the toolkit's ``RUNNERS`` when the config sets ``runner_type``).
@@ -71,6 +72,10 @@ class PretrainedNotFoundError(LaunchError, FileNotFoundError):
 
 class CheckpointNotFoundError(LaunchError, FileNotFoundError):
     """The checkpoint given to test or resume does not exist."""
+
+
+class CheckpointCorruptError(LaunchError, ValueError):
+    """The checkpoint given to test or resume is empty or a truncated torch zip archive."""
 
 
 class ChannelMismatchError(LaunchError, ValueError):
@@ -388,15 +393,15 @@ def _override_hint(cfg) -> str:
 _OFFICIAL_WEIGHTS = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
 
 
-def _pretrained_paths(model: Any, where: str = 'model') -> Iterator[tuple[str, str]]:
-    """``(config key, checkpoint)`` of every ``init_cfg`` of type Pretrained in the model."""
+def _pretrained_paths(model: Any, where: str = 'model') -> Iterator[tuple[str, str, Any]]:
+    """``(config key, checkpoint, owner type)`` of every ``init_cfg`` of type Pretrained."""
     if isinstance(model, dict):
         init = model.get('init_cfg')
         for i, item in enumerate(init if isinstance(init, (list, tuple)) else [init]):
             if isinstance(item, dict) and item.get('type') == 'Pretrained' \
                     and isinstance(item.get('checkpoint'), str):
                 key = f'{where}.init_cfg' + (f'.{i}' if isinstance(init, (list, tuple)) else '')
-                yield key, item['checkpoint']
+                yield key, item['checkpoint'], model.get('type')
         for k, v in model.items():
             if k != 'init_cfg' and isinstance(v, (dict, list, tuple)):
                 yield from _pretrained_paths(v, f'{where}.{k}')
@@ -406,31 +411,50 @@ def _pretrained_paths(model: Any, where: str = 'model') -> Iterator[tuple[str, s
 
 
 def check_pretrained(cfg) -> None:
-    """Raise :class:`PretrainedNotFoundError` when a local ``Pretrained`` file is missing.
+    """Raise :class:`PretrainedNotFoundError` when a ``Pretrained`` file of the model is missing.
 
+    SwinBackbone never downloads, so a URL in its ``init_cfg`` is an error too; other modules'
     URLs and mmengine's ``torchvision://``-style names are left to mmengine.
     """
-    for key, path in _pretrained_paths(cfg.get('model')):
-        if _is_remote(path) or osp.exists(osp.expanduser(path)):
+    for key, path, owner in _pretrained_paths(cfg.get('model')):
+        ours = owner == 'SwinBackbone'
+        if (_is_remote(path) and not ours) or osp.exists(osp.expanduser(path)):
             continue
         name = osp.basename(path)
-        lines = [f'pretrained weights not found: {_fmt(path)} (set in {key}.checkpoint)']
-        if name.startswith('swin_'):
-            lines.append(f'The official ImageNet weights are at {_OFFICIAL_WEIGHTS}{name}; '
-                         f'download that file to {path} (mkdir -p {osp.dirname(path) or "."} && '
-                         f'wget -O {path} {_OFFICIAL_WEIGHTS}{name}).')
+        if _is_remote(path):
+            lines = [f'pretrained weights are a URL: {path} (set in {key}.checkpoint); '
+                     'SwinBackbone never downloads. Download the file and point '
+                     f'{key}.checkpoint (or the config\'s `pretrained`) at the local copy, e.g. '
+                     f'mkdir -p checkpoints && wget -O checkpoints/{name} {path}']
+        else:
+            lines = [f'pretrained weights not found: {_fmt(path)} (set in {key}.checkpoint)']
+            if name.startswith('swin_'):
+                lines.append(f'The official ImageNet weights are at {_OFFICIAL_WEIGHTS}{name}; '
+                             f'download that file to {path} (mkdir -p '
+                             f'{osp.dirname(path) or "."} && wget -O {path} '
+                             f'{_OFFICIAL_WEIGHTS}{name}).')
         lines.append('SwinBackbone reads the official, timm, torchvision, mmpretrain, mmdet and '
                      'mmseg formats as they are; tools/convert_checkpoint.py SRC DST writes any '
                      'of them in the native layout (e.g. as .safetensors).')
-        lines.append(f'Point elsewhere with --cfg-options {key}.checkpoint=/path/to/{name or "weights.pth"}, '
-                     f'or train from scratch (random initialisation) with '
-                     f'--cfg-options {key}=None')
+        lines.append(f'Point elsewhere with --cfg-options {key}.checkpoint=/path/to/'
+                     f'{name or "weights.pth"}, or train from scratch (random initialisation) '
+                     f'with --cfg-options {key}=None')
         raise PretrainedNotFoundError('\n'.join(lines))
 
 
 def _check_checkpoint_file(path: Optional[str], what: str) -> None:
     if path and not _is_remote(path) and not osp.isfile(path):
         raise CheckpointNotFoundError(f'{what} not found: {_fmt(path)}')
+    if path and not _is_remote(path):
+        import zipfile
+        with open(path, 'rb') as f:
+            head = f.read(2)
+        if not head or (head == b'PK' and not zipfile.is_zipfile(path)):
+            raise CheckpointCorruptError(
+                f'{what} is {"empty" if not head else "a truncated torch zip archive"}: '
+                f'{_fmt(path)} ({osp.getsize(path)} bytes); it was not completely written '
+                '(checkpoints written by tools/train.py are complete or absent): use another '
+                'one, e.g. the one named in the work dir\'s last_checkpoint')
 
 
 # =====================================================================================
@@ -533,7 +557,8 @@ def _cuda_available() -> bool:
 
 
 def adapt_to_device(cfg, phase: str) -> None:
-    """On a machine without CUDA: gloo, no cudnn benchmark, CPU DDP; AMP training refused."""
+    """On a machine without CUDA: gloo, no cudnn benchmark, CPU DDP (SyncBN as BN); AMP training
+    with :class:`swin_dense.amp.CPUAmpOptimWrapper` (bf16 autocast)."""
     if _cuda_available():
         return
     env = cfg.setdefault('env_cfg', {})
@@ -547,12 +572,43 @@ def adapt_to_device(cfg, phase: str) -> None:
             find_unused_parameters=cfg.get('find_unused_parameters', False))
         wrapper.setdefault('device_ids', None)  # a CPU module takes no device_ids
         cfg.model_wrapper_cfg = wrapper
+        _sync_bn_to_bn_on_cpu(cfg)
     optim = cfg.get('optim_wrapper')
     if phase == 'train' and isinstance(optim, dict) and optim.get('type') == 'AmpOptimWrapper':
-        raise DeviceError(
-            'mixed precision (AmpOptimWrapper, from --amp or the config) needs a CUDA GPU and '
-            'this machine has none; on CPU train without it: '
-            '--cfg-options optim_wrapper.type=OptimWrapper (and drop --amp)')
+        from .amp import use_cpu_amp  # mmengine's AmpOptimWrapper asserts a GPU
+        use_cpu_amp(cfg)
+
+
+_SYNC_BN_TYPES = ('SyncBN', 'MMSyncBN')
+
+
+def _sync_bn_to_bn(node: Any, where: str) -> list[str]:
+    """Set ``type='BN'`` in every SyncBN norm config under ``node``; return where (in place)."""
+    changed = []
+    if isinstance(node, dict):
+        if node.get('type') in _SYNC_BN_TYPES:
+            node['type'] = 'BN'
+            changed.append(where)
+        for key, value in node.items():
+            changed += _sync_bn_to_bn(value, f'{where}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            changed += _sync_bn_to_bn(value, f'{where}.{i}')
+    return changed
+
+
+def _sync_bn_to_bn_on_cpu(cfg) -> None:
+    """Distributed on CPU (gloo): torch's SyncBatchNorm raises on CPU tensors in training, so
+    SyncBN (e.g. mmseg's UperNet heads) becomes plain BN, each process normalising over its own
+    batch. A non-distributed run needs nothing: mmengine's Runner reverts SyncBN to BN itself."""
+    changed = _sync_bn_to_bn(cfg.get('model'), 'model')
+    if cfg.get('sync_bn', None) is not None:  # mmengine would convert BN to SyncBN
+        cfg.sync_bn = None
+        changed.append('sync_bn')
+    if changed:
+        from mmengine.logging import print_log
+        print_log('distributed run without CUDA: SyncBN cannot run on CPU, using per-process BN '
+                  'instead in ' + ', '.join(changed), logger='current', level=logging.WARNING)
 
 
 def _init_cpu_distributed(cfg) -> None:
@@ -610,6 +666,15 @@ def apply_train_options(cfg, toolkit: str, amp: bool = False, auto_scale_lr: boo
         cfg.load_from = resume
 
 
+def _has_mask_head(model: Any) -> bool:
+    if isinstance(model, dict):
+        return model.get('mask_head') is not None or any(
+            _has_mask_head(v) for k, v in model.items() if k != 'mask_head')
+    if isinstance(model, (list, tuple)):
+        return any(_has_mask_head(v) for v in model)
+    return False
+
+
 def _default_tta(cfg) -> None:
     """mmdet's tools/test.py defaults when the config has no tta_model / tta_pipeline."""
     if 'tta_model' not in cfg:
@@ -658,6 +723,12 @@ def apply_test_options(cfg, toolkit: str, checkpoint: str, show: bool = False,
                 cfg.visualizer['save_dir'] = show_dir
     if tta:
         if toolkit == 'mmdet':
+            if _has_mask_head(cfg.get('model')):
+                raise LaunchError(
+                    "--tta: mmdet 3.3.0's DetTTAModel merges boxes only ('TTA of instance "
+                    "segmentation does not support now'), so a model with a mask head cannot "
+                    'be tested with it; test without --tta, or boxes only with --cfg-options '
+                    'model.roi_head.mask_head=None test_evaluator.metric=bbox')
             _default_tta(cfg)
             cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
             cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
@@ -703,6 +774,8 @@ def train(config: str, work_dir: Optional[str] = None, amp: bool = False,
     check_channels(cfg)
     adapt_to_device(cfg, 'train')
     runner = build_runner(cfg, toolkit)
+    from .resume import install as install_crash_safe_resume
+    install_crash_safe_resume(runner)  # atomic checkpoints, RNG state saved and restored
     return runner.train()
 
 
@@ -720,10 +793,24 @@ def test(config: str, checkpoint: str, work_dir: Optional[str] = None, out: Opti
                        wait_time=wait_time, tta=tta, out=out)
     adapt_to_device(cfg, 'test')
     runner = build_runner(cfg, toolkit)
+    if show_dir and toolkit == 'mmdet':
+        _paint_as_png(runner.visualizer)
     if out is not None and toolkit == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
     return runner.test()
+
+
+def _paint_as_png(visualizer) -> None:
+    """mmdet's DetVisualizationHook names each painted image after its input (``.jpg`` for
+    COCO): write it as lossless PNG instead, same name otherwise, so drawn edges stay crisp."""
+    paint = visualizer.add_datasample
+
+    def add_datasample(name, image, *args, out_file=None, **kwargs):
+        if out_file is not None:
+            out_file = osp.splitext(out_file)[0] + '.png'
+        return paint(name, image, *args, out_file=out_file, **kwargs)
+    visualizer.add_datasample = add_datasample
 
 
 def run_tool(main, argv: Optional[Iterable[str]] = None) -> int:

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Test (and evaluate) a detector (mmdet) or segmentor (mmseg); the toolkit follows default_scope.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE] [--show]
+                         [--show-dir DIR] [--wait-time S] [--cfg-options KEY=VALUE ...]
+                         [--launcher {none,pytorch,slurm,mpi}] [--tta]
+
+Same options as mmdet 3.3.0's / mmseg 1.2.2's tools/test.py. --out: a .pkl of the predictions
+(mmdet) or a directory of predicted label maps (mmseg). --show-dir: painted images, under
+WORK_DIR/TIMESTAMP/ when relative (mmdet) or in that directory (mmseg).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from mmengine.config import DictAction  # noqa: E402
+
+from swin_dense import launch  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (and eval) a detector or a segmentor')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir',
+                        help='the directory to save the file containing evaluation metrics')
+    parser.add_argument('--out', type=str,
+                        help='dump predictions to a pickle file for offline evaluation (mmdet), '
+                        'or the directory to save predicted label maps in (mmseg)')
+    parser.add_argument('--show', action='store_true', help='show prediction results')
+    parser.add_argument('--show-dir',
+                        help='directory where painted images will be saved. If specified, it '
+                        'will be automatically saved to the work_dir/timestamp/show_dir')
+    parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override some settings in the used config, the key-value pair in xxx=yyy format '
+        'will be merged into config file. If the value to be overwritten is a list, it should be '
+        'like key="[a,b]" or key=a,b It also allows nested list/tuple values, e.g. '
+        'key="[(a,b),(c,d)]" Note that the quotation marks are necessary and that no white '
+        'space is allowed.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--tta', action='store_true', help='test time augmentation')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    launch.setup_local_rank(args.local_rank)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    launch.test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out,
+                show=args.show, show_dir=args.show_dir, wait_time=args.wait_time,
+                cfg_options=args.cfg_options, launcher=args.launcher, tta=args.tta)
+
+
+if __name__ == '__main__':
+    sys.exit(launch.run_tool(main))
