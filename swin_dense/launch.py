@@ -75,7 +75,7 @@ class CheckpointNotFoundError(LaunchError, FileNotFoundError):
 
 
 class CheckpointCorruptError(LaunchError, ValueError):
-    """The checkpoint given to test or resume is empty or a truncated torch zip archive."""
+    """The checkpoint given to test or resume is a truncated torch zip archive."""
 
 
 class ChannelMismatchError(LaunchError, ValueError):
@@ -449,9 +449,9 @@ def _check_checkpoint_file(path: Optional[str], what: str) -> None:
         import zipfile
         with open(path, 'rb') as f:
             head = f.read(2)
-        if not head or (head == b'PK' and not zipfile.is_zipfile(path)):
+        if head == b'PK' and not zipfile.is_zipfile(path):  # no end-of-archive record
             raise CheckpointCorruptError(
-                f'{what} is {"empty" if not head else "a truncated torch zip archive"}: '
+                f'{what} is a truncated torch zip archive: '
                 f'{_fmt(path)} ({osp.getsize(path)} bytes); it was not completely written '
                 '(checkpoints written by tools/train.py are complete or absent): use another '
                 'one, e.g. the one named in the work dir\'s last_checkpoint')

@@ -250,8 +250,10 @@ def _save_checkpoint_with_step(self, runner, step, meta):
 
     meta = dict(meta or {})
     meta[RNG_KEY] = _gather_rng_states()  # collective: every rank runs this method
-    if is_main_process() and _is_local(self.out_dir, self.backend_args):
-        remove_stale_temporaries(self.out_dir)
+    if is_main_process():
+        remove_stale_temporaries(runner.work_dir)  # the pointer's
+        if _is_local(self.out_dir, self.backend_args) and self.out_dir != runner.work_dir:
+            remove_stale_temporaries(self.out_dir)
     runner.save_checkpoint(
         self.out_dir,
         ckpt_filename,

@@ -74,7 +74,8 @@ def trained(tmp_path_factory):
 def test_train_makes_data_trains_evaluates_and_saves(trained):
     cwd, work, proc = trained
     # the demo data was generated relative to the working directory, in the COCO layout
-    root = cwd / 'data' / 'coco_demo'
+    from mmengine.config import Config
+    root = cwd / Config.fromfile(DEMO).demo_data.root  # relative: under the working directory
     assert len(list((root / 'train2017').glob('*.jpg'))) == 8
     assert len(json.loads((root / 'annotations' / 'instances_val2017.json').read_text())
                ['images']) == 4

@@ -172,7 +172,8 @@ def test_demo_changes_only_data_image_scale_and_schedule():
         'model', 'data_root', 'demo_data', 'image_size', 'metainfo', 'num_classes',
         'train_pipeline', 'test_pipeline', 'train_dataloader', 'val_dataloader',
         'test_dataloader', 'val_evaluator', 'test_evaluator', 'max_epochs', 'train_cfg',
-        'param_scheduler', 'optim_wrapper', 'auto_scale_lr', 'default_hooks', 'log_processor'}
+        'param_scheduler', 'optim_wrapper', 'auto_scale_lr', 'randomness', 'default_hooks',
+        'log_processor'}
     # the optimizer is AdamW with the reference's betas, weight decay and no-decay keys
     assert _without(demo['optim_wrapper'], 'optimizer') == _without(full['optim_wrapper'],
                                                                      'optimizer')

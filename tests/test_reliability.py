@@ -155,22 +155,19 @@ def test_every_bad_input_is_a_clear_value_type_or_file_error(tmp_path):
 
 def test_truncated_checkpoint_for_test_or_resume_is_a_clear_error(tmp_path):
     """tools/test.py CKPT and tools/train.py --resume CKPT check the file before building: a
-    truncated or empty file is a ValueError naming it (mmengine would raise a RuntimeError from
-    torch's zip reader after building everything)."""
+    truncated torch zip archive is a ValueError naming it (mmengine would raise a RuntimeError
+    from torch's zip reader after building everything)."""
     from swin_dense import launch
     good = tmp_path / 'epoch_1.pth'
     torch.save({'state_dict': small().state_dict()}, good)
     cut = tmp_path / 'cut.pth'
     cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
-    empty = tmp_path / 'empty.pth'
-    empty.write_bytes(b'')
     cfg = launch.load_config(str(REPO / 'configs' / 'mask_rcnn' / 'swin_t_demo.py'))
-    for path, what in ((cut, 'truncated'), (empty, 'empty')):
-        with pytest.raises(ValueError, match=f'{what}.*{path.name}') as info:
-            launch.apply_test_options(cfg.copy(), 'mmdet', str(path))
-        assert not isinstance(info.value, RuntimeError)
-        with pytest.raises(ValueError, match=f'resume.*{what}'):
-            launch.apply_train_options(cfg.copy(), 'mmdet', resume=str(path))
+    with pytest.raises(ValueError, match='truncated.*cut.pth') as info:
+        launch.apply_test_options(cfg.copy(), 'mmdet', str(cut))
+    assert not isinstance(info.value, RuntimeError)
+    with pytest.raises(ValueError, match='resume.*truncated'):
+        launch.apply_train_options(cfg.copy(), 'mmdet', resume=str(cut))
     launch.apply_train_options(cfg.copy(), 'mmdet', resume=str(good))  # a complete file is fine
 
 

@@ -187,6 +187,7 @@ def test_demo_resolves_and_names_the_demo_data(demo):
     assert cfg['model']['auxiliary_head']['num_classes'] == len(ADE_DEMO_CLASSES)
     assert cfg['model']['backbone']['init_cfg'] is None
     assert cfg['val_evaluator']['type'] == 'IoUMetric'
+    assert cfg['work_dir'] != './work_dirs/swin_t_demo'  # the detection demo's default
     size = cfg['demo_data']['image_size']
     assert tuple(cfg['model']['data_preprocessor']['size']) == (size, size)
 
@@ -198,7 +199,7 @@ def test_demo_changes_only_data_crop_classes_and_schedule(demo):
                    'dataset_settings', 'crop_size', 'num_classes', 'max_iters', 'warmup_iters',
                    'train_pipeline', 'test_pipeline', 'train_dataloader', 'val_dataloader',
                    'test_dataloader', 'optim_wrapper', 'param_scheduler', 'train_cfg',
-                   'default_hooks', 'model'}
+                   'default_hooks', 'model', 'work_dir', 'randomness'}
     for key in set(demo_cfg) | set(base):
         if key not in allowed_top:
             assert demo_cfg.get(key) == base.get(key), key

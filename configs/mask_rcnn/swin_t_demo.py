@@ -69,6 +69,8 @@ param_scheduler = [
 optim_wrapper = dict(optimizer=dict(lr=4e-4, fused=True))
 auto_scale_lr = dict(base_batch_size=4)
 
+randomness = dict(seed=0)  # the figures in the README are reproducible
+
 # progress display: a log line (losses, lr, eta) every 10 iterations; keep the last checkpoint
 default_hooks = dict(
     logger=dict(interval=10),
