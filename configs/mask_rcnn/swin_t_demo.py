@@ -3,7 +3,7 @@
 #
 #   python tools/train.py configs/mask_rcnn/swin_t_demo.py          # makes the data when absent
 #   python tools/test.py configs/mask_rcnn/swin_t_demo.py \
-#       work_dirs/swin_t_demo/epoch_5.pth --show-dir painted         # PNGs: ground truth | result
+#       work_dirs/swin_t_demo/epoch_4.pth --show-dir painted         # PNGs: ground truth | result
 #
 # What differs from swin_t_coco.py: data, image scale, schedule, and the per-image sampling
 # budgets of the RPN / RoI heads (sized for 1-4 objects per image instead of COCO's dozens).
@@ -58,11 +58,11 @@ model = dict(
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100)))
 
 # ----------------------------------------------------------------------------- schedule
-max_epochs = 5  # 100 iterations of 4 images each
+max_epochs = 4  # 100 iterations of 4 images each; lr x0.1 for the last epoch
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[4], gamma=0.1)
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[3], gamma=0.1)
 ]
 # AdamW as swin_t_coco.py (betas, weight decay, no decay on norms and position tables), with a
 # from-scratch learning rate; fused=True is torch's single-kernel AdamW (same update, faster).
