@@ -21,6 +21,20 @@ from torch import Tensor
 from .window import (WindowLayout, padded_size, relative_position_bias, tokens_from_windows,
                      window_attention, window_layout, windows_from_tokens)
 
+#: Inference on CPU runs the attention and the MLP over chunks of windows / tokens whose widest
+#: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values.
+#: Chunk-sized temporaries stay in cache and are reused by the allocator; map-sized ones are
+#: fresh pages for every block (about half the MLP's time at 800x1344 on a 2-core CPU).
+CHUNK_NUMEL = 2 ** 20
+#: ... but never fewer tokens than this per chunk, so that the weights (re-read for every chunk,
+#: several MiB in the late stages) are amortised over enough rows.
+CHUNK_MIN_TOKENS = 2048
+
+
+def _chunk_rows(row_numel: int, tokens_per_row: int = 1) -> int:
+    """How many rows of ``row_numel`` values (``tokens_per_row`` tokens each) make one chunk."""
+    return max(CHUNK_NUMEL // row_numel, -(-CHUNK_MIN_TOKENS // tokens_per_row))
+
 _ACTIVATIONS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU, 'Swish': nn.SiLU,
                 'LeakyReLU': nn.LeakyReLU, 'ELU': nn.ELU, 'Tanh': nn.Tanh}
 _NORMS = {'LN': nn.LayerNorm, 'LayerNorm': nn.LayerNorm}
@@ -179,6 +193,22 @@ class WindowMSA(nn.Module):
                              self.attn_drop_rate if self.training else 0.0)
         return self.proj_drop(x)
 
+    def forward_chunked(self, x: Tensor, mask: Optional[Tensor], num_windows: int) -> Tensor:
+        """Inference over chunks of the windows of each image; same input and output as forward."""
+        bias = self.attention_bias(mask)
+        BW, N, C = x.shape
+        step = _chunk_rows(N * (3 * C + self.num_heads * N), N)
+        out = torch.empty_like(x)
+        for start in range(0, BW, num_windows):  # one image at a time: bias rows are windows
+            for w in range(0, num_windows, step):
+                rows = slice(start + w, start + min(w + step, num_windows))
+                chunk_bias = bias[w:w + step] if bias.dim() == 4 else bias
+                out[rows] = window_attention(
+                    self.qkv(x[rows]), self.num_heads, self.scale, chunk_bias,
+                    chunk_bias.shape[0] if bias.dim() == 4 else 1, self.proj.weight,
+                    self.proj.bias)
+        return out
+
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cached bias
         self._bias_cache = {}
         return super()._apply(fn, recurse)
@@ -207,10 +237,14 @@ class ShiftWindowMSA(nn.Module):
     def layout(self, hw: tuple[int, int], device: torch.device) -> WindowLayout:
         return window_layout(hw[0], hw[1], self.window_size, self.shift_size, device)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int], chunked: bool = False) -> Tensor:
+        """``chunked``: inference over chunks of windows (see :data:`CHUNK_NUMEL`)."""
         layout = self.layout(hw, x.device)
         windows = windows_from_tokens(x, layout)
-        windows = self.w_msa(windows, layout.mask, layout.num_windows)
+        if chunked:
+            windows = self.w_msa.forward_chunked(windows, layout.mask, layout.num_windows)
+        else:
+            windows = self.w_msa(windows, layout.mask, layout.num_windows)
         return self.drop(tokens_from_windows(windows, layout))
 
 
@@ -290,7 +324,27 @@ class SwinBlock(nn.Module):
         x = self.attn(self.norm1(x), hw).add_(x)
         return self.ffn(self.norm2(x)).add_(x)
 
+    def _forward_chunked(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Inference: the same sums over cache-sized chunks (see :data:`CHUNK_NUMEL`)."""
+        x = self.attn(self.norm1(x), hw, chunked=True).add_(x)
+        rows = x.view(-1, x.shape[-1])  # x is fresh: the MLP adds into it chunk by chunk
+        step = _chunk_rows(self.ffn.layers[1].in_features)
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start:start + step]
+            chunk.add_(self.ffn(self.norm2(chunk)))
+        return x
+
+    def _chunkable(self, x: Tensor) -> bool:
+        """Eval on CPU with nothing to record for autograd and no tracing."""
+        return (not self.training and x.device.type == 'cpu'
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in self.parameters()))))
+
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if self._chunkable(x):
+            with torch.no_grad():
+                return self._forward_chunked(x, hw)
         if self.with_cp and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing: works when the input needs no grad (frozen stages
             # before this one) and under DDP, unlike the reentrant variant.
