@@ -18,17 +18,25 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .window import (WindowLayout, padded_size, relative_position_bias, tokens_from_windows,
-                     window_attention, window_layout, windows_from_tokens)
+from .window import (WindowLayout, chunked_window_attention, padded_size,
+                     relative_position_bias, tokens_from_windows, window_attention, window_layout,
+                     windows_from_tokens)
 
-#: Inference on CPU runs the attention and the MLP over chunks of windows / tokens whose widest
-#: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values.
-#: Chunk-sized temporaries stay in cache and are reused by the allocator; map-sized ones are
-#: fresh pages for every block (about half the MLP's time at 800x1344 on a 2-core CPU).
+#: On CPU (fp32) the attention and the MLP run over chunks of windows / tokens whose widest
+#: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values,
+#: in inference and in training. Chunk-sized temporaries stay in cache and are reused by the
+#: allocator; map-sized ones are fresh pages for every block (about half the MLP's time at
+#: 800x1344 on a 2-core CPU).
 CHUNK_NUMEL = 2 ** 20
 #: ... but never fewer tokens than this per chunk, so that the weights (re-read for every chunk,
 #: several MiB in the late stages) are amortised over enough rows.
 CHUNK_MIN_TOKENS = 2048
+
+
+def _cpu_fp32(x: Tensor) -> bool:
+    """Whether the chunked CPU paths apply: fp32 on CPU, no autocast, no torch.compile tracing."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())
 
 
 def _chunk_rows(row_numel: int, tokens_per_row: int = 1) -> int:
@@ -70,7 +78,8 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     keep_prob = 1 - drop_prob
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
-    return x.div(keep_prob) * random_tensor.floor()
+    # One pass over x with the per-sample factor 0 or 1/keep_prob (mmcv divides, then multiplies).
+    return x * random_tensor.floor_().div_(keep_prob)
 
 
 class DropPath(nn.Module):
@@ -188,26 +197,17 @@ class WindowMSA(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
         bias = self.attention_bias(mask)
-        x = window_attention(self.qkv(x), self.num_heads, self.scale, bias, num_windows,
-                             self.proj.weight, self.proj.bias,
-                             self.attn_drop_rate if self.training else 0.0)
+        attn_drop = self.attn_drop_rate if self.training else 0.0
+        if attn_drop == 0.0 and _cpu_fp32(x):
+            N, C = x.shape[1:]
+            step = _chunk_rows(N * (3 * C + self.num_heads * N), N)
+            x = chunked_window_attention(x, self.qkv.weight, self.qkv.bias, bias,
+                                         self.proj.weight, self.proj.bias, self.num_heads,
+                                         self.scale, num_windows, step)
+        else:
+            x = window_attention(self.qkv(x), self.num_heads, self.scale, bias, num_windows,
+                                 self.proj.weight, self.proj.bias, attn_drop)
         return self.proj_drop(x)
-
-    def forward_chunked(self, x: Tensor, mask: Optional[Tensor], num_windows: int) -> Tensor:
-        """Inference over chunks of the windows of each image; same input and output as forward."""
-        bias = self.attention_bias(mask)
-        BW, N, C = x.shape
-        step = _chunk_rows(N * (3 * C + self.num_heads * N), N)
-        out = torch.empty_like(x)
-        for start in range(0, BW, num_windows):  # one image at a time: bias rows are windows
-            for w in range(0, num_windows, step):
-                rows = slice(start + w, start + min(w + step, num_windows))
-                chunk_bias = bias[w:w + step] if bias.dim() == 4 else bias
-                out[rows] = window_attention(
-                    self.qkv(x[rows]), self.num_heads, self.scale, chunk_bias,
-                    chunk_bias.shape[0] if bias.dim() == 4 else 1, self.proj.weight,
-                    self.proj.bias)
-        return out
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cached bias
         self._bias_cache = {}
@@ -237,14 +237,10 @@ class ShiftWindowMSA(nn.Module):
     def layout(self, hw: tuple[int, int], device: torch.device) -> WindowLayout:
         return window_layout(hw[0], hw[1], self.window_size, self.shift_size, device)
 
-    def forward(self, x: Tensor, hw: tuple[int, int], chunked: bool = False) -> Tensor:
-        """``chunked``: inference over chunks of windows (see :data:`CHUNK_NUMEL`)."""
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         layout = self.layout(hw, x.device)
         windows = windows_from_tokens(x, layout)
-        if chunked:
-            windows = self.w_msa.forward_chunked(windows, layout.mask, layout.num_windows)
-        else:
-            windows = self.w_msa(windows, layout.mask, layout.num_windows)
+        windows = self.w_msa(windows, layout.mask, layout.num_windows)
         return self.drop(tokens_from_windows(windows, layout))
 
 
@@ -276,6 +272,53 @@ class _GeluLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias
 
 
+def _chunks(rows: int, step: int):
+    """Slices ``[start, start + step)`` covering ``range(rows)``."""
+    return (slice(start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+class _ChunkedGeluMLP(torch.autograd.Function):
+    """``linear(gelu(linear(u, w1, b1)), w2, b2)`` on 2-d rows, chunk by chunk, forward and backward.
+
+    For CPU training in fp32. Only ``u`` and the hidden pre-activation ``h`` are kept (as the
+    plain formula's autograd would keep them, less the GELU output); every other temporary is
+    chunk-sized, so it stays in cache instead of being fresh pages of a map-sized tensor. Weight
+    gradients are accumulated over the chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        rows = u.shape[0]
+        h = u.new_empty(rows, w1.shape[0])
+        out = u.new_empty(rows, w2.shape[0])
+        for c in _chunks(rows, _chunk_rows(w1.shape[0])):
+            torch.addmm(b1, u[c], w1.t(), out=h[c])
+            torch.addmm(b2, F.gelu(h[c]), w2.t(), out=out[c])
+        ctx.save_for_backward(u, h, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        u, h, w1, w2 = ctx.saved_tensors
+        need_u, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_u = torch.empty_like(u) if need_u else None
+        grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        grad_b1 = w1.new_zeros(w1.shape[0])
+        grad_b2 = grad_out.sum(0) if need_b2 else None
+        for c in _chunks(u.shape[0], _chunk_rows(w1.shape[0])):
+            if need_w2:
+                grad_w2.addmm_(grad_out[c].t(), F.gelu(h[c]))
+            grad_h = torch.ops.aten.gelu_backward(grad_out[c].mm(w2), h[c])
+            if need_w1:
+                grad_w1.addmm_(grad_h.t(), u[c])
+            if need_b1:
+                grad_b1 += grad_h.sum(0)
+            if need_u:
+                torch.mm(grad_h, w1, out=grad_u[c])
+        return (grad_u, grad_w1 if need_w1 else None, grad_b1 if need_b1 else None,
+                grad_w2 if need_w2 else None, grad_b2)
+
+
 class FFN(nn.Module):
     """MLP ``C -> ratio*C -> C`` with activation and dropout; nesting as mmcv's FFN for key names."""
 
@@ -293,6 +336,11 @@ class FFN(nn.Module):
         plain_gelu = type(act) is nn.GELU and act.approximate == 'none'
         if plain_gelu and not torch.is_grad_enabled():  # inference: GELU in place
             return self.dropout_layer(fc2(drop(torch.ops.aten.gelu_(fc1(x)))))
+        if (plain_gelu and (drop.p == 0 or not self.training) and _cpu_fp32(x)
+                and fc1.bias is not None and fc2.bias is not None):
+            out = _ChunkedGeluMLP.apply(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias,
+                                        fc2.weight, fc2.bias)
+            return self.dropout_layer(out.view(*x.shape[:-1], -1))
         if plain_gelu and (drop.p == 0 or not self.training):
             h = fc1(x)
             out = _GeluLinear.apply(h.reshape(-1, h.shape[-1]), fc2.weight, fc2.bias)
@@ -326,7 +374,7 @@ class SwinBlock(nn.Module):
 
     def _forward_chunked(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """Inference: the same sums over cache-sized chunks (see :data:`CHUNK_NUMEL`)."""
-        x = self.attn(self.norm1(x), hw, chunked=True).add_(x)
+        x = self.attn(self.norm1(x), hw).add_(x)
         rows = x.view(-1, x.shape[-1])  # x is fresh: the MLP adds into it chunk by chunk
         step = _chunk_rows(self.ffn.layers[1].in_features)
         for start in range(0, rows.shape[0], step):

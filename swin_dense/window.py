@@ -186,6 +186,25 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(BW, N, h * d)
 
 
+def _attention_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_out: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """Gradients of ``attn @ v`` with ``attn = softmax(q k^T * scale + bias)``.
+
+    ``q, k, v, grad_out``: ``(B*nW, h, N, d)``; ``attn``: the probabilities. Returns the
+    gradient of the qkv projection's output ``(B*nW, N, 3C)`` and that of the logits
+    ``(B*nW, h, N, N)`` (which is also the bias gradient before any sum over windows).
+    """
+    BW, h, N, d = q.shape
+    grads = q.new_empty(3, BW, h, N, d)  # dq, dk, dv
+    torch.matmul(attn.transpose(-2, -1), grad_out, out=grads[2])
+    grad_scores = torch._softmax_backward_data(
+        torch.matmul(grad_out, v.transpose(-2, -1)), attn, -1, attn.dtype)
+    torch.matmul(grad_scores, k, out=grads[0])
+    torch.matmul(grad_scores.transpose(-2, -1), q, out=grads[1])
+    grads[:2].mul_(scale)
+    return grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * h * d), grad_scores
+
+
 class _WindowAttention(torch.autograd.Function):
     """Window attention and output projection, recomputing the attention in backward.
 
@@ -225,15 +244,8 @@ class _WindowAttention(torch.autograd.Function):
         if has_proj_bias and ctx.needs_input_grad[3]:
             grad_proj_bias = grad_y.sum(0).to(proj_weight.dtype)
         grad_out = grad_y.mm(proj_weight.to(grad_y.dtype)).view(BW, N, h, d).transpose(1, 2)
-        grads = qkv.new_empty(3, BW, h, N, d)  # dq, dk, dv
-        torch.matmul(attn.transpose(-2, -1), grad_out, out=grads[2])
-        grad_scores = torch._softmax_backward_data(
-            torch.matmul(grad_out, v.transpose(-2, -1)), attn, -1, attn.dtype)
+        grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
         del attn
-        torch.matmul(grad_scores, k, out=grads[0])
-        torch.matmul(grad_scores.transpose(-2, -1), q, out=grads[1])
-        grads[:2].mul_(scale)
-        grad_qkv = grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * h * d)
         grad_bias = None
         if ctx.needs_input_grad[1]:
             if bias.dim() == 4:
@@ -274,6 +286,142 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
     q, k, v = _split_heads(qkv, num_heads)
     out = _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
     return F.linear(out, proj_weight, proj_bias)
+
+
+def _window_chunks(num_rows: int, num_windows: int, step: int):
+    """``(rows, windows)`` slices: ``step`` windows at a time, never across two images.
+
+    ``rows`` indexes the ``B * nW`` windows of the batch, ``windows`` the same windows within
+    their image (the rows of a per-window bias).
+    """
+    for start in range(0, num_rows, num_windows):
+        for w in range(0, num_windows, step):
+            end = min(w + step, num_windows)
+            yield slice(start + w, start + end), slice(w, end)
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``out[:] = x @ weight^T + bias`` on 2-d views, without a temporary."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Attention of one chunk ``(n, N, 3C)``: returns ``q, k, v``, the probabilities, ``(n*N, C)``."""
+    q, k, v = _split_heads(qkv, num_heads)
+    attn = _attention_probs(q, k, bias, scale, bias.shape[0] if bias.dim() == 4 else 1)
+    out = _merge_heads(torch.matmul(attn, v))
+    return q, k, v, attn, out.view(-1, out.shape[-1])
+
+
+def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Tensor,
+                     proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int,
+                     scale: float, num_windows: int, step: int,
+                     qkv: Optional[Tensor] = None) -> Tensor:
+    """Forward of :func:`chunked_window_attention`; fills ``qkv`` ``(B*nW, N, 3C)`` if given."""
+    BW, N, C = x.shape
+    out = x.new_empty(BW, N, proj_weight.shape[0])
+    for rows, wins in _window_chunks(BW, num_windows, step):
+        if qkv is None:
+            chunk_qkv = F.linear(x[rows], qkv_weight, qkv_bias)
+        else:
+            chunk_qkv = qkv[rows]
+            _linear_into(chunk_qkv.view(-1, qkv.shape[-1]), x[rows].view(-1, C), qkv_weight,
+                         qkv_bias)
+        attended = _chunk_attention(chunk_qkv, bias[wins] if bias.dim() == 4 else bias,
+                                    num_heads, scale)[-1]
+        _linear_into(out[rows].view(-1, out.shape[-1]), attended, proj_weight, proj_bias)
+    return out
+
+
+class _ChunkedWindowAttention(torch.autograd.Function):
+    """qkv projection, window attention and output projection, a chunk of windows at a time.
+
+    Forward and backward only ever hold chunk-sized temporaries (the probabilities, the
+    per-head copies, the gradients of qkv), which stay in cache. Kept for backward: the input
+    and ``qkv``, as the plain formula keeps them; the probabilities are recomputed per chunk.
+    fp32 on CPU; weight gradients are accumulated over the chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Tensor,
+                proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
+                num_windows: int, step: int) -> Tensor:
+        qkv = x.new_empty(*x.shape[:2], qkv_weight.shape[0])
+        out = _chunked_forward(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, num_heads,
+                               scale, num_windows, step, qkv)
+        ctx.save_for_backward(x, qkv, bias, qkv_weight, proj_weight)
+        ctx.args = (num_heads, scale, num_windows, step, qkv_bias is not None,
+                    proj_bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, qkv, bias, qkv_weight, proj_weight = ctx.saved_tensors
+        num_heads, scale, num_windows, step, has_qkv_bias, has_proj_bias = ctx.args
+        need_x, need_qkv_w, need_qkv_b, need_bias, need_proj_w, need_proj_b = (
+            ctx.needs_input_grad[:6])
+        BW, N, C = x.shape
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_qkv_w, grad_proj_w = torch.zeros_like(qkv_weight), torch.zeros_like(proj_weight)
+        grad_qkv_b = qkv_weight.new_zeros(qkv_weight.shape[0])
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        grad_y = grad_y.contiguous()
+        for rows, wins in _window_chunks(BW, num_windows, step):
+            per_window = bias.dim() == 4
+            q, k, v, attn, attended = _chunk_attention(
+                qkv[rows], bias[wins] if per_window else bias, num_heads, scale)
+            g = grad_y[rows].view(-1, grad_y.shape[-1])
+            if need_proj_w:
+                grad_proj_w.addmm_(g.t(), attended)
+            n, h, _, d = q.shape
+            grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2)
+            grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
+            del attn, attended
+            if need_bias:
+                if per_window:
+                    grad_bias[wins] += grad_scores
+                else:
+                    grad_bias += grad_scores.sum(0)
+            grad_qkv = grad_qkv.view(-1, grad_qkv.shape[-1])
+            if need_qkv_w:
+                grad_qkv_w.addmm_(grad_qkv.t(), x[rows].view(-1, C))
+            if has_qkv_bias and need_qkv_b:
+                grad_qkv_b += grad_qkv.sum(0)
+            if need_x:
+                torch.mm(grad_qkv, qkv_weight, out=grad_x[rows].view(-1, C))
+        grad_proj_b = grad_y.view(-1, grad_y.shape[-1]).sum(0) if has_proj_bias and need_proj_b else None
+        return (grad_x, grad_qkv_w if need_qkv_w else None,
+                grad_qkv_b if has_qkv_bias and need_qkv_b else None, grad_bias,
+                grad_proj_w if need_proj_w else None, grad_proj_b, None, None, None, None)
+
+
+def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor],
+                             bias: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor],
+                             num_heads: int, scale: float, num_windows: int,
+                             chunk_windows: int) -> Tensor:
+    """qkv projection, window attention and output projection over chunks of windows (CPU).
+
+    The same sums as ``window_attention(linear(x, qkv_weight, qkv_bias), ...)``, with
+    ``chunk_windows`` windows at a time so that every temporary stays in cache; differentiable.
+
+    Args:
+        x: ``(B * nW, N, C)`` windows.
+        qkv_weight, qkv_bias: the qkv projection ``(3C, C)``, ``(3C,)``.
+        bias, proj_weight, proj_bias, num_heads, scale, num_windows: as in
+            :func:`window_attention`.
+        chunk_windows: windows per chunk.
+
+    Returns:
+        ``(B * nW, N, C)``.
+    """
+    bias = bias.to(x.dtype)
+    args = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _ChunkedWindowAttention.apply(*args, num_heads, scale, num_windows, chunk_windows)
+    return _chunked_forward(*args, num_heads, scale, num_windows, chunk_windows)
 
 
 def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
