@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .window import (WindowLayout, chunked_window_attention, padded_size,
+from .window import (ChunkGradients, WindowLayout, chunked_window_attention, padded_size,
                      relative_position_bias, tokens_from_windows, window_attention, window_layout,
                      windows_from_tokens)
 
@@ -302,21 +302,20 @@ class _ChunkedGeluMLP(torch.autograd.Function):
         u, h, w1, w2 = ctx.saved_tensors
         need_u, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         grad_u = torch.empty_like(u) if need_u else None
-        grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        grad_b1 = w1.new_zeros(w1.shape[0])
-        grad_b2 = grad_out.sum(0) if need_b2 else None
+        sums = ChunkGradients()
         for c in _chunks(u.shape[0], _chunk_rows(w1.shape[0])):
             if need_w2:
-                grad_w2.addmm_(grad_out[c].t(), F.gelu(h[c]))
+                sums.addmm('w2', grad_out[c].t(), F.gelu(h[c]))
             grad_h = torch.ops.aten.gelu_backward(grad_out[c].mm(w2), h[c])
             if need_w1:
-                grad_w1.addmm_(grad_h.t(), u[c])
+                sums.addmm('w1', grad_h.t(), u[c])
             if need_b1:
-                grad_b1 += grad_h.sum(0)
+                sums.add('b1', grad_h.sum(0))
             if need_u:
                 torch.mm(grad_h, w1, out=grad_u[c])
-        return (grad_u, grad_w1 if need_w1 else None, grad_b1 if need_b1 else None,
-                grad_w2 if need_w2 else None, grad_b2)
+        if need_b2:
+            sums.add('b2', grad_out.sum(0))
+        return grad_u, sums.get('w1'), sums.get('b1'), sums.get('w2'), sums.get('b2')
 
 
 class FFN(nn.Module):

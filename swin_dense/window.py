@@ -336,6 +336,40 @@ def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], 
     return out
 
 
+class ChunkGradients:
+    """Gradients summed over chunks; the first chunk's term becomes the sum (no zero fill)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+
+    def add(self, name: str, term: Tensor) -> None:
+        """Add a fresh tensor (it may become the sum and be updated in place)."""
+        if name in self._sums:
+            self._sums[name] += term
+        else:
+            self._sums[name] = term
+
+    def addmm(self, name: str, a: Tensor, b: Tensor) -> None:
+        """Add ``a @ b``, into the sum's memory when there is one."""
+        if name in self._sums:
+            self._sums[name].addmm_(a, b)
+        else:
+            self._sums[name] = a.mm(b)
+
+    def add_rows(self, name: str, term: Tensor, rows: slice, shape: torch.Size) -> None:
+        """Add a fresh ``term`` to ``rows`` of a sum of ``shape``."""
+        if name not in self._sums:
+            if term.shape == shape:
+                self._sums[name] = term
+                return
+            self._sums[name] = term.new_zeros(shape)
+        self._sums[name][rows] += term
+
+    def get(self, name: str) -> Optional[Tensor]:
+        """The sum, or None when nothing was added (the gradient is not needed)."""
+        return self._sums.get(name)
+
+
 class _ChunkedWindowAttention(torch.autograd.Function):
     """qkv projection, window attention and output projection, a chunk of windows at a time.
 
@@ -364,38 +398,35 @@ class _ChunkedWindowAttention(torch.autograd.Function):
         need_x, need_qkv_w, need_qkv_b, need_bias, need_proj_w, need_proj_b = (
             ctx.needs_input_grad[:6])
         BW, N, C = x.shape
+        per_window = bias.dim() == 4
         grad_x = torch.empty_like(x) if need_x else None
-        grad_qkv_w, grad_proj_w = torch.zeros_like(qkv_weight), torch.zeros_like(proj_weight)
-        grad_qkv_b = qkv_weight.new_zeros(qkv_weight.shape[0])
-        grad_bias = torch.zeros_like(bias) if need_bias else None
+        sums = ChunkGradients()
         grad_y = grad_y.contiguous()
         for rows, wins in _window_chunks(BW, num_windows, step):
-            per_window = bias.dim() == 4
             q, k, v, attn, attended = _chunk_attention(
                 qkv[rows], bias[wins] if per_window else bias, num_heads, scale)
             g = grad_y[rows].view(-1, grad_y.shape[-1])
             if need_proj_w:
-                grad_proj_w.addmm_(g.t(), attended)
+                sums.addmm('proj_w', g.t(), attended)
             n, h, _, d = q.shape
             grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2)
             grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
             del attn, attended
-            if need_bias:
-                if per_window:
-                    grad_bias[wins] += grad_scores
-                else:
-                    grad_bias += grad_scores.sum(0)
+            if need_bias and per_window:
+                sums.add_rows('bias', grad_scores, wins, bias.shape)
+            elif need_bias:
+                sums.add('bias', grad_scores.sum(0))
             grad_qkv = grad_qkv.view(-1, grad_qkv.shape[-1])
             if need_qkv_w:
-                grad_qkv_w.addmm_(grad_qkv.t(), x[rows].view(-1, C))
+                sums.addmm('qkv_w', grad_qkv.t(), x[rows].view(-1, C))
             if has_qkv_bias and need_qkv_b:
-                grad_qkv_b += grad_qkv.sum(0)
+                sums.add('qkv_b', grad_qkv.sum(0))
             if need_x:
                 torch.mm(grad_qkv, qkv_weight, out=grad_x[rows].view(-1, C))
-        grad_proj_b = grad_y.view(-1, grad_y.shape[-1]).sum(0) if has_proj_bias and need_proj_b else None
-        return (grad_x, grad_qkv_w if need_qkv_w else None,
-                grad_qkv_b if has_qkv_bias and need_qkv_b else None, grad_bias,
-                grad_proj_w if need_proj_w else None, grad_proj_b, None, None, None, None)
+        if has_proj_bias and need_proj_b:
+            sums.add('proj_b', grad_y.view(-1, grad_y.shape[-1]).sum(0))
+        return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),
+                sums.get('proj_w'), sums.get('proj_b'), None, None, None, None)
 
 
 def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor],

@@ -214,3 +214,38 @@ def test_ffn_gelu_recompute_gradients_equal_autograd():
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(ffn, (x[:1, :2],))
+
+
+def test_chunked_mlp_gradients_equal_autograd(monkeypatch):
+    """The CPU training MLP (chunked, GELU recomputed) against the formula under autograd."""
+    import swin_dense.layers as layers
+    monkeypatch.setattr(layers, 'CHUNK_NUMEL', 1)
+    monkeypatch.setattr(layers, 'CHUNK_MIN_TOKENS', 4)  # 11 rows: chunks of 4, 4, 3
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    u = torch.randn(11, 8, **f64)
+    params = (torch.randn(32, 8, **f64), torch.randn(32, **f64), torch.randn(8, 32, **f64),
+              torch.randn(8, **f64))
+    out = layers._ChunkedGeluMLP.apply(u, *params)
+    ref = F.linear(F.gelu(F.linear(u, *params[:2])), *params[2:])
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (u, *params), grad_out),
+                    torch.autograd.grad(ref, (u, *params), grad_out)):
+        torch.testing.assert_close(a, b)
+    small = (torch.randn(5, 3, **f64), torch.randn(6, 3, **f64), torch.randn(6, **f64),
+             torch.randn(3, 6, **f64), torch.randn(3, **f64))  # finite differences: 2 chunks
+    assert torch.autograd.gradcheck(layers._ChunkedGeluMLP.apply, small)
+
+
+def test_drop_path_draws_equal_mmcv():
+    from mmcv.cnn.bricks.drop import DropPath as MmcvDropPath
+    from swin_dense.layers import DropPath
+    x = torch.randn(16, 50, 8)
+    outs = []
+    for module in (MmcvDropPath(0.3), DropPath(0.3)):
+        torch.manual_seed(1)
+        outs.append(module.train()(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=0)
+    dropped = outs[1].flatten(1).abs().sum(1) == 0
+    assert 0 < dropped.sum() < 16  # some samples dropped, some kept

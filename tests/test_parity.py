@@ -130,6 +130,30 @@ def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate):
     assert (grads[0] - grads[1]).abs().max().item() <= ATOL * grads[0].abs().max().item()
 
 
+def test_small_chunks_equal_mmdet(tmp_path, monkeypatch):
+    """The CPU paths run the attention and MLP in chunks; many small ones change nothing."""
+    import swin_dense.layers as layers
+    monkeypatch.setattr(layers, 'CHUNK_NUMEL', 1)
+    monkeypatch.setattr(layers, 'CHUNK_MIN_TOKENS', 3 * 49)  # 3 windows, 147 rows per chunk
+    peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
+                               drop_path_rate=0.0)
+    assert_same_outputs(peer, ours, (112, 137))
+    peer.train()
+    ours.train()
+    grads = []
+    for model in (peer, ours):
+        x = torch.randn(2, 3, 97, 130, generator=torch.Generator().manual_seed(5))
+        x.requires_grad_(True)
+        outs = model(x)
+        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
+        loss.backward()
+        grads.append([x.grad, *(p.grad for _, p in sorted(model.named_parameters())
+                                if p.grad is not None)])
+    assert len(grads[0]) == len(grads[1])
+    for expected, got in zip(*grads):
+        assert (expected - got).abs().max().item() <= ATOL * max(expected.abs().max().item(), 1)
+
+
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
 def test_builds_under_each_default_scope(scope):
     from mmengine.registry import DefaultScope

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swin_dense.window import (MASK_VALUE, relative_position_bias, relative_position_index,
-                               tokens_from_windows, window_attention, window_layout,
-                               windows_from_tokens)
+from swin_dense.window import (MASK_VALUE, PROB_FLOOR, _attention_probs,
+                               chunked_window_attention, relative_position_bias,
+                               relative_position_index, tokens_from_windows, window_attention,
+                               window_layout, windows_from_tokens)
 
 
 def official_windows(x, H, W, M, s):
@@ -160,6 +161,45 @@ def test_window_attention_gradients_equal_autograd(per_window):
              proj_bias[:2].detach().clone().requires_grad_())
     assert torch.autograd.gradcheck(
         lambda a, b, w, c: window_attention(a, 1, 0.5, b, nW, w, c), small)
+
+
+@pytest.mark.parametrize('per_window, batch, chunk', [(True, 2, 2), (False, 2, 4), (True, 1, 99)])
+def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
+    """qkv projection + attention + projection, chunked, against the formula under autograd."""
+    torch.manual_seed(0)
+    nW, N, h, d = 5, 16, 2, 4
+    C = h * d
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch * nW, N, C, **f64)
+    qkv_weight, qkv_bias = torch.randn(3 * C, C, **f64), torch.randn(3 * C, **f64)
+    bias = torch.randn(*((nW,) if per_window else ()), h, N, N, **f64)
+    proj_weight, proj_bias = torch.randn(C, C, **f64), torch.randn(C, **f64)
+    inputs = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
+    grad_out = torch.randn(batch * nW, N, C, dtype=torch.float64)
+    ours = chunked_window_attention(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h,
+                                    d ** -0.5, nW, chunk)
+    ref = F.linear(plain_attention(F.linear(x, qkv_weight, qkv_bias), h, d ** -0.5, bias, nW),
+                   proj_weight, proj_bias)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad_out),
+                    torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the inference branch (no saved qkv) gives the same numbers
+        torch.testing.assert_close(chunked_window_attention(
+            x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk), ref)
+
+
+def test_masked_probabilities_are_exact_zeros():
+    """exp(-100) is a float32 denormal; the probabilities carry 0 instead (no output changes)."""
+    torch.manual_seed(0)
+    layout = window_layout(14, 14, 7, 3, torch.device('cpu'))
+    q, k = torch.randn(2, layout.num_windows, 3, 49, 8).unbind(0)
+    bias = torch.randn(3, 49, 49).unsqueeze(0) + layout.mask.unsqueeze(1)
+    probs = _attention_probs(q, k, bias, 8 ** -0.5, layout.num_windows)
+    ref = ((q @ k.transpose(-2, -1)) * 8 ** -0.5 + bias).softmax(-1)
+    assert ((ref > 0) & (ref < torch.finfo(torch.float32).tiny)).any()  # the reference has them
+    assert not ((probs > 0) & (probs < PROB_FLOOR)).any()
+    assert torch.equal(probs[ref >= PROB_FLOOR], ref[ref >= PROB_FLOOR])
 
 
 @pytest.mark.parametrize('per_window', [False, True])
