@@ -448,7 +448,7 @@ def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
     Returns:
         ``(B * nW, N, C)``.
     """
-    bias = bias.to(x.dtype)
+    x, bias = x.contiguous(), bias.to(x.dtype)
     args = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return _ChunkedWindowAttention.apply(*args, num_heads, scale, num_windows, chunk_windows)
