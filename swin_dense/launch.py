@@ -29,6 +29,7 @@ without a traceback and exit with status 1.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import os
@@ -105,6 +106,30 @@ def ensure_repo_importable() -> None:
     parts = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
     if root not in parts:
         os.environ['PYTHONPATH'] = os.pathsep.join([root] + parts)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cfg-options``, ``--launcher`` and ``--local-rank``, as both upstream tools take them."""
+    from mmengine.config import DictAction
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override some settings in the used config, the key-value pair in xxx=yyy format '
+        'will be merged into config file. If the value to be overwritten is a list, it should be '
+        'like key="[a,b]" or key=a,b It also allows nested list/tuple values, e.g. '
+        'key="[(a,b),(c,d)]" Note that the quotation marks are necessary and that no white '
+        'space is allowed.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_tool_args(parser: argparse.ArgumentParser,
+                    argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the tool's arguments and export ``LOCAL_RANK`` (:func:`setup_local_rank`)."""
+    args = parser.parse_args(argv)
+    setup_local_rank(args.local_rank)
+    return args
 
 
 def setup_local_rank(local_rank: int) -> None:

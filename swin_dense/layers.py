@@ -278,7 +278,7 @@ def _chunks(rows: int, step: int):
 
 
 class _ChunkedGeluMLP(torch.autograd.Function):
-    """``linear(gelu(linear(u, w1, b1)), w2, b2)`` on 2-d rows, chunk by chunk, forward and backward.
+    """``linear(gelu(linear(u, w1, b1)), w2, b2)`` on 2-d rows, a chunk of rows at a time.
 
     For CPU training in fp32. Only ``u`` and the hidden pre-activation ``h`` are kept (as the
     plain formula's autograd would keep them, less the GELU output); every other temporary is

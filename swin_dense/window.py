@@ -309,7 +309,10 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor])
 
 def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Attention of one chunk ``(n, N, 3C)``: returns ``q, k, v``, the probabilities, ``(n*N, C)``."""
+    """Attention of a chunk of windows ``(n, N, 3C)``.
+
+    Returns ``q, k, v`` ``(n, h, N, d)``, the probabilities and the attended values ``(n*N, C)``.
+    """
     q, k, v = _split_heads(qkv, num_heads)
     attn = _attention_probs(q, k, bias, scale, bias.shape[0] if bias.dim() == 4 else 1)
     out = _merge_heads(torch.matmul(attn, v))

@@ -37,7 +37,6 @@ default on CPU, and fp16 with loss scaling).
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import torch
 
 from swin_dense import SwinBackbone
 from swin_dense.window import MASK_VALUE
+from tool_runs import DET_DEMO, TRAIN, tiny_detector, tool_env
 
 REPO = Path(__file__).resolve().parents[1]
 NARROW = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
@@ -269,34 +269,7 @@ def test_mmcv_cpu_ops_run_in_fp32_under_autocast():
 
 
 # ------------------------------------------------------------------ the AMP config on demo data
-DET_DEMO = REPO / 'configs' / 'mask_rcnn' / 'swin_t_demo.py'
-TRAIN = REPO / 'tools' / 'train.py'
-TINY_DET = [
-    'demo_data.num_train=8', 'demo_data.num_val=4',
-    'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-    'train_dataloader.persistent_workers=False',
-    'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None',
-    'test_cfg=None', 'test_dataloader=None', 'test_evaluator=None',
-    'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1',
-    'default_hooks.logger.interval=1', 'log_processor.window_size=1',
-    # narrower (same modules): CPUs without bf16/fp16 hardware emulate them slowly
-    'model.backbone.embed_dims=32', 'model.backbone.depths=[2,2,2,2]',
-    'model.backbone.num_heads=[1,2,4,8]', 'model.neck.in_channels=[32,64,128,256]',
-    'model.neck.out_channels=64', 'model.rpn_head.in_channels=64',
-    'model.rpn_head.feat_channels=64', 'model.roi_head.bbox_roi_extractor.out_channels=64',
-    'model.roi_head.bbox_head.in_channels=64', 'model.roi_head.bbox_head.fc_out_channels=128',
-    'model.roi_head.mask_roi_extractor.out_channels=64', 'model.roi_head.mask_head.in_channels=64',
-    'model.roi_head.mask_head.conv_out_channels=64', 'model.train_cfg.rcnn.sampler.num=64',
-]
 LOSS = re.compile(r'Epoch\(train\) \[1\]\[(\d)/4\].*?\sloss: (\S+)')
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in
-                                         env.get('PYTHONPATH', '').split(os.pathsep) if p])
-    env.setdefault('OMP_NUM_THREADS', '2')
-    return env
 
 
 @pytest.mark.slow
@@ -308,8 +281,8 @@ def test_amp_training_on_the_demo_data_through_the_tool(tmp_path, dtype, scaled)
     work = tmp_path / 'work'
     proc = subprocess.run(
         [sys.executable, str(TRAIN), str(DET_DEMO), '--amp', '--work-dir', str(work),
-         '--cfg-options', *TINY_DET, f'optim_wrapper.dtype={dtype}'],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1800)
+         '--cfg-options', *tiny_detector(1), f'optim_wrapper.dtype={dtype}'],
+        cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=1800)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert 'training with CPUAmpOptimWrapper' in log

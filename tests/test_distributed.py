@@ -20,7 +20,6 @@ tools (tools/train.py through torchrun, 2 processes) on the detection demo, savi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -136,20 +135,14 @@ def worker(argv=None) -> int:
 # The tests
 # =====================================================================================
 import pytest  # noqa: E402
+from tool_runs import (DET_DEMO, DETERMINISTIC, TRAIN, logged_losses,  # noqa: E402
+                       tiny_detector, tool_env)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in
-                                         env.get('PYTHONPATH', '').split(os.pathsep) if p])
-    env['OMP_NUM_THREADS'] = '1'  # two processes on a 2-core machine
-    return env
 
 
 def _run_worker(out: Path, nproc: int, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -159,7 +152,9 @@ def _run_worker(out: Path, nproc: int, *args, timeout=600) -> subprocess.Complet
     else:
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
                f'--master_port={_free_port()}', *script]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    # OMP_NUM_THREADS=1: two processes on a 2-core machine
+    return subprocess.run(cmd, env=tool_env(threads=1), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _result(out: Path, proc: subprocess.CompletedProcess) -> dict:
@@ -247,46 +242,19 @@ def test_upstream_swin_with_cp_fails_under_ddp(tmp_path):
 
 
 # ------------------------------------------------------------------ the real tools, 2 processes
-DET_DEMO = REPO / 'configs' / 'mask_rcnn' / 'swin_t_demo.py'
-TRAIN = REPO / 'tools' / 'train.py'
-TOOLS_TINY = [
-    'demo_data.num_train=8', 'demo_data.num_val=4',
-    'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-    'train_dataloader.persistent_workers=False',
-    'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None',
-    'test_cfg=None', 'test_dataloader=None', 'test_evaluator=None',
-    'train_cfg.max_epochs=2', 'default_hooks.checkpoint.interval=1',
-    'default_hooks.checkpoint.max_keep_ckpts=2', 'default_hooks.logger.interval=1',
-    'log_processor.window_size=1', 'randomness.seed=0', 'randomness.deterministic=True',
-    'model.backbone.embed_dims=32', 'model.backbone.depths=[2,2,2,2]',
-    'model.backbone.num_heads=[1,2,4,8]', 'model.backbone.with_cp=True',
-    'model.backbone.frozen_stages=1', 'model.neck.in_channels=[32,64,128,256]',
-    'model.neck.out_channels=64', 'model.rpn_head.in_channels=64',
-    'model.rpn_head.feat_channels=64', 'model.roi_head.bbox_roi_extractor.out_channels=64',
-    'model.roi_head.bbox_head.in_channels=64', 'model.roi_head.bbox_head.fc_out_channels=128',
-    'model.roi_head.mask_roi_extractor.out_channels=64', 'model.roi_head.mask_head.in_channels=64',
-    'model.roi_head.mask_head.conv_out_channels=64', 'model.train_cfg.rcnn.sampler.num=64',
-]
+TOOLS_TINY = tiny_detector(2, 'default_hooks.checkpoint.max_keep_ckpts=2', *DETERMINISTIC,
+                           'model.backbone.with_cp=True', 'model.backbone.frozen_stages=1')
 
 
 def _torchrun_train(cwd: Path, work: Path, *extra) -> str:
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
            f'--master_port={_free_port()}', str(TRAIN), str(DET_DEMO), '--launcher', 'pytorch',
            '--work-dir', str(work), *extra, '--cfg-options', *TOOLS_TINY]
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(threads=1), capture_output=True, text=True,
+                          timeout=1200)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
-
-
-def _rank0_losses(work: Path) -> dict:
-    out = {}
-    for scalars in sorted(work.glob('*/vis_data/scalars.json')):
-        for line in scalars.read_text().splitlines():
-            row = json.loads(line)
-            if 'loss' in row:
-                out[row['step']] = {k: v for k, v in row.items() if k.startswith('loss')}
-    return out
 
 
 @pytest.mark.slow
@@ -299,14 +267,14 @@ def test_tools_train_two_processes_save_and_resume_exactly(tmp_path):
     full = tmp_path / 'full'
     log = _torchrun_train(tmp_path, full)
     assert 'SwinBackbone' in log
-    expected = _rank0_losses(full)
+    expected = logged_losses(full)
     assert sorted(expected) == [1, 2, 3, 4]
     meta = torch.load(full / 'epoch_1.pth', map_location='cpu', weights_only=False)['meta']
     assert meta['rng_state']['world_size'] == 2 and len(meta['rng_state']['ranks']) == 2
     resumed = tmp_path / 'resumed'
     log = _torchrun_train(tmp_path, resumed, '--resume', str(full / 'epoch_1.pth'))
     assert 'restored the RNG states' in log
-    got = _rank0_losses(resumed)
+    got = logged_losses(resumed)
     assert sorted(got) == [3, 4]
     assert got == {k: expected[k] for k in got}
 

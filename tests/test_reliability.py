@@ -13,7 +13,6 @@ checkpoint, then ``--resume``: the losses after the resume equal the uninterrupt
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from swin_dense import SwinBackbone
 from swin_dense import resume as rs
 from swin_dense.checkpoint import load_pretrained, register_mmengine_safe_globals
+from tool_runs import (DET_DEMO, DETERMINISTIC, TRAIN, logged_losses, tiny_detector,
+                       tool_env)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
@@ -521,38 +522,10 @@ def _register_rng_hook(monkeypatch):
 # =====================================================================================
 # Slow: SIGKILL a real demo training through tools/train.py, then --resume
 # =====================================================================================
-DET_DEMO = REPO / 'configs' / 'mask_rcnn' / 'swin_t_demo.py'
-TRAIN = REPO / 'tools' / 'train.py'
-# The demo config with a tiny slice of its data, a narrower model (the same modules: Swin, FPN,
-# RPN, RoI heads; narrower so that the three runs take about three minutes on 2 CPU cores),
-# deterministic settings, a checkpoint every epoch (keeping one), a log line every iteration
-# with no smoothing, and no validation.
-TINY_DET = [
-    'demo_data.num_train=8', 'demo_data.num_val=4',
-    'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-    'train_dataloader.persistent_workers=False',
-    'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None',
-    'test_cfg=None', 'test_dataloader=None', 'test_evaluator=None',
-    'train_cfg.max_epochs=3', 'default_hooks.checkpoint.interval=1',
-    'default_hooks.checkpoint.max_keep_ckpts=1', 'default_hooks.logger.interval=1',
-    'log_processor.window_size=1', 'randomness.seed=0', 'randomness.deterministic=True',
-    'model.backbone.embed_dims=32', 'model.backbone.depths=[2,2,2,2]',
-    'model.backbone.num_heads=[1,2,4,8]', 'model.neck.in_channels=[32,64,128,256]',
-    'model.neck.out_channels=64', 'model.rpn_head.in_channels=64',
-    'model.rpn_head.feat_channels=64', 'model.roi_head.bbox_roi_extractor.out_channels=64',
-    'model.roi_head.bbox_head.in_channels=64', 'model.roi_head.bbox_head.fc_out_channels=128',
-    'model.roi_head.mask_roi_extractor.out_channels=64', 'model.roi_head.mask_head.in_channels=64',
-    'model.roi_head.mask_head.conv_out_channels=64', 'model.train_cfg.rcnn.sampler.num=64',
-]
+# The demo config, tiny and deterministic, keeping one checkpoint: about three minutes for the
+# three runs on 2 CPU cores.
+TINY_DET = tiny_detector(3, 'default_hooks.checkpoint.max_keep_ckpts=1', *DETERMINISTIC)
 ITERS_PER_EPOCH = 4
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in
-                                         env.get('PYTHONPATH', '').split(os.pathsep) if p])
-    env.setdefault('OMP_NUM_THREADS', '2')
-    return env
 
 
 def _train_args(work: Path, *extra) -> list:
@@ -560,19 +533,9 @@ def _train_args(work: Path, *extra) -> list:
             '--cfg-options', *TINY_DET]
 
 
-def _losses(work: Path) -> dict:
-    """step -> the loss values of that iteration, from every run's vis_data/scalars.json."""
-    out = {}
-    for scalars in sorted(work.glob('*/vis_data/scalars.json')):
-        for line in scalars.read_text().splitlines():
-            row = json.loads(line)
-            if 'loss' in row:
-                out[row['step']] = {k: v for k, v in row.items() if k.startswith('loss')}
-    return out
-
-
 def _run_to_end(args, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True,
+                          timeout=1200)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
@@ -583,13 +546,13 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     total = 3 * ITERS_PER_EPOCH
     full = tmp_path / 'full'
     _run_to_end(_train_args(full), tmp_path)
-    expected = _losses(full)
+    expected = logged_losses(full)
     assert sorted(expected) == list(range(1, total + 1))
 
     work = tmp_path / 'crashed'
     log_path = tmp_path / 'crashed.log'
     with open(log_path, 'w') as log:
-        proc = subprocess.Popen(_train_args(work), cwd=tmp_path, env=_env(), stdout=log,
+        proc = subprocess.Popen(_train_args(work), cwd=tmp_path, env=tool_env(), stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 900
@@ -609,13 +572,13 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     assert not (work / 'epoch_3.pth').exists()  # killed mid-run
     for ckpt in work.glob('*.pth'):  # whatever exists is complete
         assert _complete(ckpt), ckpt
-    before = _losses(work)
+    before = logged_losses(work)
     assert ITERS_PER_EPOCH < max(before) < total  # some of epoch 2 was done, then lost
 
     log = _run_to_end(_train_args(work, '--resume'), tmp_path)
     assert 'restored the RNG states' in log
     assert 'resumed epoch: 1, iter: 4' in log
-    after = {step: v for step, v in _losses(work).items() if step > ITERS_PER_EPOCH}
+    after = {step: v for step, v in logged_losses(work).items() if step > ITERS_PER_EPOCH}
     assert sorted(after) == list(range(ITERS_PER_EPOCH + 1, total + 1))
     # Exact: the same arithmetic in the same order (deterministic settings, one process).
     for step, values in after.items():
