@@ -3,7 +3,9 @@
 Everything the shifted-window scheme needs that depends only on sizes is built once per
 ``(H, W, window, shift, device)`` and cached: the gather that pads, rolls and partitions a
 token map in one step, its inverse with the crop folded in, the -100 shift mask, and the
-relative-position index. ``window_attention`` is the attention itself.
+relative-position index. ``window_attention`` is the attention itself (with the output
+projection); ``chunked_window_attention`` adds the qkv projection and runs a chunk of windows
+at a time, forward and backward, for the CPU (see ``layers.CHUNK_NUMEL``).
 
 Order of operations, identical to the official code, mmdet, mmseg and torchvision
 (REFERENCE detail 1): zero-pad bottom/right to a multiple of the window, cyclic shift by
