@@ -19,7 +19,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm
+from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm, tokens_to_nchw
 
 #: embed_dims, depths, num_heads of the published variants (Liu et al. 2021, Table 1).
 ARCH_SETTINGS = {
@@ -320,8 +320,7 @@ class SwinBackbone(BaseModule):
             x, next_hw, out, hw_out = stage(x, hw)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(out)
-                outs.append(out.view(-1, *hw_out, self.num_features[i])
-                            .permute(0, 3, 1, 2).contiguous())
+                outs.append(tokens_to_nchw(out, hw_out))
             hw = next_hw
         return tuple(outs)
 

@@ -96,6 +96,44 @@ class DropPath(nn.Module):
         return f'drop_prob={self.drop_prob:.3f}'
 
 
+#: Values per block of the token-map <-> NCHW copies (about 1 MiB in fp32): a transposing copy
+#: done a few rows at a time stays in cache and ran 3-4x faster than one over the whole map.
+_TRANSPOSE_BLOCK_NUMEL = 2 ** 18
+
+
+class _TokensToNCHW(torch.autograd.Function):
+    """``(B, H*W, C)`` -> contiguous ``(B, C, H, W)``, copied a block of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, height: int, width: int) -> Tensor:
+        B, _, C = x.shape
+        out = x.new_empty(B, C, height, width)
+        step = max(1, _TRANSPOSE_BLOCK_NUMEL // (width * C))
+        for r in range(0, height, step):
+            rows = x[:, r * width:(r + step) * width].view(B, -1, width, C)
+            out[:, :, r:r + step].copy_(rows.permute(0, 3, 1, 2))
+        ctx.hw = (height, width)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        height, width = ctx.hw
+        B, C = grad.shape[:2]
+        grad_x = grad.new_empty(B, height * width, C)
+        step = max(1, _TRANSPOSE_BLOCK_NUMEL // (width * C))
+        for r in range(0, height, step):
+            rows = grad_x[:, r * width:(r + step) * width].view(B, -1, width, C)
+            rows.copy_(grad[:, :, r:r + step].permute(0, 2, 3, 1))
+        return grad_x, None, None
+
+
+def tokens_to_nchw(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    """A token map ``(B, H*W, C)`` as a contiguous feature map ``(B, C, H, W)``."""
+    if torch.compiler.is_compiling():
+        return x.view(-1, *hw, x.shape[-1]).permute(0, 3, 1, 2).contiguous()
+    return _TokensToNCHW.apply(x.contiguous(), *hw)
+
+
 class PatchEmbed(nn.Module):
     """4x4 patch partition + linear embedding: ``(B, Cin, H, W)`` -> ``(B, H/p * W/p, C)``.
 

@@ -249,3 +249,13 @@ def test_drop_path_draws_equal_mmcv():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=0)
     dropped = outs[1].flatten(1).abs().sum(1) == 0
     assert 0 < dropped.sum() < 16  # some samples dropped, some kept
+
+
+def test_tokens_to_nchw_in_blocks_equals_permute(monkeypatch):
+    import swin_dense.layers as layers
+    monkeypatch.setattr(layers, '_TRANSPOSE_BLOCK_NUMEL', 2 * 7 * 3)  # blocks of 2 rows of 5
+    x = torch.randn(2, 5 * 7, 3, dtype=torch.float64, requires_grad=True)
+    out = layers.tokens_to_nchw(x, (5, 7))
+    assert out.is_contiguous()
+    assert torch.equal(out, x.view(2, 5, 7, 3).permute(0, 3, 1, 2))
+    assert torch.autograd.gradcheck(lambda t: layers.tokens_to_nchw(t, (5, 7)), (x,))
