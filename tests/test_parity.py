@@ -113,21 +113,26 @@ def test_absolute_position_embedding_equals_mmdet_at_pretrain_size(tmp_path):
     assert_same_outputs(peer, ours, (224, 224))
 
 
+def train_gradients(model, size, seed: int, with_parameters: bool = False) -> list:
+    """In train mode, the gradients of a fixed loss of the outputs: the input's, then (with
+    ``with_parameters``) every parameter's that gets one, by parameter name."""
+    model.train()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed))
+    x.requires_grad_(True)
+    torch.manual_seed(7)  # the same stochastic-depth draws, in the same order
+    loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in model(x))
+    loss.backward()
+    if not with_parameters:
+        return [x.grad]
+    return [x.grad, *(p.grad for _, p in sorted(model.named_parameters()) if p.grad is not None)]
+
+
 @pytest.mark.parametrize('drop_path_rate', [0.0, 0.2])
 def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate):
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
                                drop_path_rate=drop_path_rate)
-    peer.train()
-    ours.train()
-    grads = []
-    for model in (peer, ours):
-        x = torch.randn(2, 3, 112, 137, generator=torch.Generator().manual_seed(3))
-        x.requires_grad_(True)
-        torch.manual_seed(7)  # the same stochastic-depth draws, in the same order
-        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in model(x))
-        loss.backward()
-        grads.append(x.grad)
-    assert (grads[0] - grads[1]).abs().max().item() <= ATOL * grads[0].abs().max().item()
+    (expected,), (got,) = (train_gradients(m, (112, 137), seed=3) for m in (peer, ours))
+    assert (expected - got).abs().max().item() <= ATOL * expected.abs().max().item()
 
 
 def test_small_chunks_equal_mmdet(tmp_path, monkeypatch):
@@ -138,20 +143,11 @@ def test_small_chunks_equal_mmdet(tmp_path, monkeypatch):
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
                                drop_path_rate=0.0)
     assert_same_outputs(peer, ours, (112, 137))
-    peer.train()
-    ours.train()
-    grads = []
-    for model in (peer, ours):
-        x = torch.randn(2, 3, 97, 130, generator=torch.Generator().manual_seed(5))
-        x.requires_grad_(True)
-        outs = model(x)
-        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
-        loss.backward()
-        grads.append([x.grad, *(p.grad for _, p in sorted(model.named_parameters())
-                                if p.grad is not None)])
-    assert len(grads[0]) == len(grads[1])
-    for expected, got in zip(*grads):
-        assert (expected - got).abs().max().item() <= ATOL * max(expected.abs().max().item(), 1)
+    expected, got = (train_gradients(m, (97, 130), seed=5, with_parameters=True)
+                     for m in (peer, ours))
+    assert len(expected) == len(got)
+    for e, g in zip(expected, got):
+        assert (e - g).abs().max().item() <= ATOL * max(e.abs().max().item(), 1)
 
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
