@@ -142,20 +142,55 @@ def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
     return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
 
 
+def _gather_tokens(x: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
+    """``x[:, index]``, rows at positions ``zero`` set to 0: ``(B, L, C)`` -> ``(B, I, C)``."""
+    out = x.index_select(1, index)
+    if zero is not None:
+        out.index_fill_(1, zero, 0)
+    return out
+
+
+class _WindowPermutation(torch.autograd.Function):
+    """Token map <-> windows. Every token sits in exactly one window slot and the other slots
+    are zero padding, so the gradient of each direction is the other direction's gather (no
+    zero-filled scatter-add, as autograd's ``index_select`` backward would do)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layout: WindowLayout, to_windows: bool) -> Tensor:
+        ctx.layout, ctx.to_windows = layout, to_windows
+        if to_windows:
+            return _gather_tokens(x, layout.gather_index, layout.pad_slots)
+        return _gather_tokens(x, layout.scatter_index, None)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        layout = ctx.layout
+        grad = grad.contiguous()
+        if ctx.to_windows:
+            return _gather_tokens(grad, layout.scatter_index, None), None, None
+        return _gather_tokens(grad, layout.gather_index, layout.pad_slots), None, None
+
+
+def _permute(x: Tensor, layout: WindowLayout, to_windows: bool) -> Tensor:
+    if not torch.compiler.is_compiling():
+        return _WindowPermutation.apply(x, layout, to_windows)
+    # traced as plain gathers, with autograd's own backward
+    if to_windows:
+        return _gather_tokens(x, layout.gather_index, layout.pad_slots)
+    return _gather_tokens(x, layout.scatter_index, None)
+
+
 def windows_from_tokens(x: Tensor, layout: WindowLayout) -> Tensor:
     """Pad, roll and partition in one gather: ``(B, H*W, C)`` -> ``(B * nW, N, C)``."""
     B, L, C = x.shape
-    windows = x.index_select(1, layout.gather_index)
-    if layout.pad_slots is not None:
-        windows.index_fill_(1, layout.pad_slots, 0)
-    return windows.view(B * layout.num_windows, -1, C)
+    return _permute(x, layout, True).view(B * layout.num_windows, -1, C)
 
 
 def tokens_from_windows(windows: Tensor, layout: WindowLayout) -> Tensor:
     """Inverse of :func:`windows_from_tokens` with the crop folded in: -> ``(B, H*W, C)``."""
     C = windows.shape[-1]
     B = windows.shape[0] // layout.num_windows
-    return windows.reshape(B, -1, C).index_select(1, layout.scatter_index)
+    return _permute(windows.reshape(B, -1, C), layout, False)
 
 
 def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:

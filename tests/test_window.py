@@ -114,6 +114,16 @@ def test_relative_position_bias_shape_and_values():
     assert torch.equal(bias[:, 5, 5], table[centre])
 
 
+@pytest.mark.parametrize('shift', [0, 3])
+def test_partition_gradients(shift):
+    """Each direction's backward is the other direction's gather: check by finite differences."""
+    layout = window_layout(9, 11, 7, shift, torch.device('cpu'))  # padded to 14 x 14
+    x = torch.randn(2, 9 * 11, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: windows_from_tokens(t, layout), (x,))
+    w = torch.randn(2 * layout.num_windows, 49, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: tokens_from_windows(t, layout), (w,))
+
+
 def test_window_attention_equals_explicit_softmax():
     torch.manual_seed(0)
     B, nW, N, h, d = 2, 3, 49, 4, 8
