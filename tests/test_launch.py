@@ -383,3 +383,19 @@ def test_slurm_train_runs_srun_with_the_tool(tmp_path):
     line = [s for s in proc.stdout.splitlines() if s.startswith('SRUN')][0]
     assert '-p part --job-name=job --gres=gpu:8 --ntasks=16 --ntasks-per-node=8' in line
     assert f'{TOOLS}/train.py cfg.py --work-dir=wd --launcher=slurm --amp' in line
+
+
+@pytest.mark.parametrize('fails', [False, True])
+def test_run_tool_closes_the_process_group(tmp_path, fails):
+    """The tools close a process group the run started, also when the run ends in a LaunchError."""
+    import torch.distributed as dist
+
+    def main(argv):
+        dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                                world_size=1)
+        if fails:
+            raise launch.LaunchError('no data')
+
+    assert not dist.is_initialized()
+    assert launch.run_tool(main, []) == (1 if fails else 0)
+    assert not dist.is_initialized()
