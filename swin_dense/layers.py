@@ -413,10 +413,8 @@ class SwinBlock(nn.Module):
         """Inference: the same sums over cache-sized chunks (see :data:`CHUNK_NUMEL`)."""
         x = self.attn(self.norm1(x), hw).add_(x)
         rows = x.view(-1, x.shape[-1])  # x is fresh: the MLP adds into it chunk by chunk
-        step = _chunk_rows(self.ffn.layers[1].in_features)
-        for start in range(0, rows.shape[0], step):
-            chunk = rows[start:start + step]
-            chunk.add_(self.ffn(self.norm2(chunk)))
+        for c in _chunks(rows.shape[0], _chunk_rows(self.ffn.layers[1].in_features)):
+            rows[c].add_(self.ffn(self.norm2(rows[c])))
         return x
 
     def _chunkable(self, x: Tensor) -> bool:
