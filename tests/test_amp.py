@@ -38,7 +38,6 @@ default on CPU, and fp16 with loss scaling).
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import torch
 
 from swin_dense import SwinBackbone
 from swin_dense.window import MASK_VALUE
-from tool_runs import DET_DEMO, TRAIN, tiny_detector, tool_env
+from tool_runs import DET_DEMO, TRAIN, run_to_end, tiny_detector
 
 REPO = Path(__file__).resolve().parents[1]
 NARROW = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
@@ -279,12 +278,9 @@ def test_amp_training_on_the_demo_data_through_the_tool(tmp_path, dtype, scaled)
     the Mask R-CNN demo, narrowed, four iterations on 8 demo images, in bf16 (the CPU default)
     and in fp16 with loss scaling: finite losses, a checkpoint with the scaler state."""
     work = tmp_path / 'work'
-    proc = subprocess.run(
-        [sys.executable, str(TRAIN), str(DET_DEMO), '--amp', '--work-dir', str(work),
-         '--cfg-options', *tiny_detector(1), f'optim_wrapper.dtype={dtype}'],
-        cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=1800)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_to_end([sys.executable, str(TRAIN), str(DET_DEMO), '--amp', '--work-dir', str(work),
+                      '--cfg-options', *tiny_detector(1), f'optim_wrapper.dtype={dtype}'],
+                     tmp_path, timeout=1800)
     assert 'training with CPUAmpOptimWrapper' in log
     losses = [float(v) for _, v in LOSS.findall(log)]
     assert len(losses) == 4 and all(v == v and abs(v) < 1e4 for v in losses), losses

@@ -136,7 +136,7 @@ def worker(argv=None) -> int:
 # =====================================================================================
 import pytest  # noqa: E402
 from tool_runs import (DET_DEMO, DETERMINISTIC, TRAIN, logged_losses,  # noqa: E402
-                       tiny_detector, tool_env)
+                       run_to_end, tiny_detector, tool_env)
 
 
 def _free_port() -> int:
@@ -250,11 +250,7 @@ def _torchrun_train(cwd: Path, work: Path, *extra) -> str:
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
            f'--master_port={_free_port()}', str(TRAIN), str(DET_DEMO), '--launcher', 'pytorch',
            '--work-dir', str(work), *extra, '--cfg-options', *TOOLS_TINY]
-    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(threads=1), capture_output=True, text=True,
-                          timeout=1200)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return log
+    return run_to_end(cmd, cwd, threads=1)  # two processes on a 2-core machine
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from swin_dense import SwinBackbone
 from swin_dense import resume as rs
 from swin_dense.checkpoint import load_pretrained, register_mmengine_safe_globals
-from tool_runs import (DET_DEMO, DETERMINISTIC, TRAIN, logged_losses, tiny_detector,
-                       tool_env)
+from tool_runs import (DET_DEMO, DETERMINISTIC, TRAIN, logged_losses, run_to_end,
+                       tiny_detector, tool_env)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
@@ -479,30 +479,31 @@ def test_rng_state_roundtrip_through_a_weights_only_checkpoint(tmp_path):
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
-def test_resumed_runner_repeats_the_uninterrupted_losses(tmp_path, patched):
+def _uninterrupted_and_resumed(tmp_path: Path, rng_hook: bool = True) -> tuple[dict, dict]:
+    """Losses of a full toy run, and of one crashed after epoch 2 and resumed (with or without
+    the RNG-state hook in the resumed runner); the latter has steps 9-16."""
     full, expected = _toy_runner(tmp_path / 'full')
     full.train()
     first, _ = _toy_runner(tmp_path / 'split', crash_after_epoch=2)
     with pytest.raises(_SimulatedCrash):
         first.train()
     second, got = _toy_runner(tmp_path / 'split', resume=True)
+    if not rng_hook:
+        second._hooks = [h for h in second._hooks if not isinstance(h, rs.ResumeRandomStateHook)]
     second.train()
     assert sorted(got) == list(range(9, 17))
+    return expected, got
+
+
+def test_resumed_runner_repeats_the_uninterrupted_losses(tmp_path, patched):
+    expected, got = _uninterrupted_and_resumed(tmp_path)
     assert got == {i: expected[i] for i in got}  # bit for bit
 
 
 def test_control_without_the_rng_state_the_losses_differ(tmp_path, patched):
     """Why the RNG state is saved: mmengine's resume alone (the hook not registered; mmengine
     reseeds) continues with other dropout masks and augmentations."""
-    full, expected = _toy_runner(tmp_path / 'full')
-    full.train()
-    first, _ = _toy_runner(tmp_path / 'split', crash_after_epoch=2)
-    with pytest.raises(_SimulatedCrash):
-        first.train()
-    second, got = _toy_runner(tmp_path / 'split', resume=True)
-    second._hooks = [h for h in second._hooks if not isinstance(h, rs.ResumeRandomStateHook)]
-    second.train()
-    assert sorted(got) == list(range(9, 17))
+    expected, got = _uninterrupted_and_resumed(tmp_path, rng_hook=False)
     assert any(got[i] != expected[i] for i in got)
 
 
@@ -533,19 +534,11 @@ def _train_args(work: Path, *extra) -> list:
             '--cfg-options', *TINY_DET]
 
 
-def _run_to_end(args, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True,
-                          timeout=1200)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return log
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     total = 3 * ITERS_PER_EPOCH
     full = tmp_path / 'full'
-    _run_to_end(_train_args(full), tmp_path)
+    run_to_end(_train_args(full), tmp_path)
     expected = logged_losses(full)
     assert sorted(expected) == list(range(1, total + 1))
 
@@ -575,7 +568,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     before = logged_losses(work)
     assert ITERS_PER_EPOCH < max(before) < total  # some of epoch 2 was done, then lost
 
-    log = _run_to_end(_train_args(work, '--resume'), tmp_path)
+    log = run_to_end(_train_args(work, '--resume'), tmp_path)
     assert 'restored the RNG states' in log
     assert 'resumed epoch: 1, iter: 4' in log
     after = {step: v for step, v in logged_losses(work).items() if step > ITERS_PER_EPOCH}

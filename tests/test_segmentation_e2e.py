@@ -9,7 +9,6 @@ torchrun on CPU with the reference SyncBN.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ pytest.importorskip('mmseg')
 
 from swin_dense import launch  # noqa: E402
 from swin_dense.demo_data import ADE_DEMO_CLASSES, make_ade_demo  # noqa: E402
+from tool_runs import tool_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ADE_CONFIG = REPO / 'configs' / 'upernet' / 'swin_t_ade20k.py'
@@ -29,16 +29,8 @@ TRAIN = REPO / 'tools' / 'train.py'
 TEST = REPO / 'tools' / 'test.py'
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in
-                                         env.get('PYTHONPATH', '').split(os.pathsep) if p])
-    env.setdefault('OMP_NUM_THREADS', '2')
-    return env
-
-
 def _run(args, cwd, timeout=900, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=_env(),
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=tool_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{args} failed with {proc.returncode}:\n'

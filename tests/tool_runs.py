@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,15 @@ def tool_env(threads: int | None = None) -> dict:
     else:
         env['OMP_NUM_THREADS'] = str(threads)
     return env
+
+
+def run_to_end(args: list, cwd: Path, threads: int | None = None, timeout: float = 1200) -> str:
+    """Run ``args`` in ``cwd`` with :func:`tool_env`; it must exit 0. Returns stdout + stderr."""
+    proc = subprocess.run(args, cwd=cwd, env=tool_env(threads), capture_output=True, text=True,
+                          timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
 
 
 def logged_losses(work: Path) -> dict[int, dict[str, float]]:
