@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .window import (ChunkGradients, WindowLayout, chunked_window_attention, padded_size,
-                     relative_position_bias, tokens_from_windows, window_attention, window_layout,
-                     windows_from_tokens)
+from .window import (ChunkGradients, WindowLayout, chunked_window_attention, merge_windows,
+                     padded_size, partition_windows, relative_position_bias, shift_mask,
+                     tokens_from_windows, window_attention, window_layout, windows_from_tokens)
 
 #: On CPU (fp32) the attention and the MLP run over chunks of windows / tokens whose widest
 #: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values,
@@ -150,7 +150,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         p = self.patch_size
         H, W = x.shape[-2:]
-        if H % p or W % p:
+        if torch.compiler.is_compiling() or H % p or W % p:  # traced: no branch on the size
             x = F.pad(x, (0, padded_size(W, p) - W, 0, padded_size(H, p) - H))
         x = self.projection(x)
         hw = (x.shape[2], x.shape[3])
@@ -178,7 +178,7 @@ class PatchMerging(nn.Module):
         B, L, C = x.shape
         H, W = hw
         x = x.view(B, H, W, C)
-        if H % 2 or W % 2:
+        if torch.compiler.is_compiling() or H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         Ho, Wo = (H + 1) // 2, (W + 1) // 2
         # (B, Ho, dy, Wo, dx, C) -> (B, Ho, Wo, C, dy, dx): Unfold order.
@@ -216,22 +216,24 @@ class WindowMSA(nn.Module):
         Without autograd (eval, no_grad) the result is cached until the table changes.
         """
         table = self.relative_position_bias_table
-        # torch.compile traces the plain computation; eager inference reuses the result.
-        caching = not (torch.is_grad_enabled() and table.requires_grad
-                       or torch.compiler.is_compiling())
+        if torch.compiler.is_compiling():  # traced plainly; the cache is never read (no guards on it)
+            return self._bias(mask)
+        caching = not (torch.is_grad_enabled() and table.requires_grad)
         key = (table._version, table.data_ptr(), table.dtype, None if mask is None else id(mask))
         if caching and key in self._bias_cache:
             return self._bias_cache[key]
-        bias = relative_position_bias(table, self.window_size)
-        if mask is not None:
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1)
+        bias = self._bias(mask)
         if caching:
             if len(self._bias_cache) > 8:
                 self._bias_cache.clear()
             self._bias_cache[key] = bias
-        elif self._bias_cache and not torch.compiler.is_compiling():
+        elif self._bias_cache:
             self._bias_cache.clear()
         return bias
+
+    def _bias(self, mask: Optional[Tensor]) -> Tensor:
+        bias = relative_position_bias(self.relative_position_bias_table, self.window_size)
+        return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
         bias = self.attention_bias(mask)
@@ -276,10 +278,21 @@ class ShiftWindowMSA(nn.Module):
         return window_layout(hw[0], hw[1], self.window_size, self.shift_size, device)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x, hw)
         layout = self.layout(hw, x.device)
         windows = windows_from_tokens(x, layout)
         windows = self.w_msa(windows, layout.mask, layout.num_windows)
         return self.drop(tokens_from_windows(windows, layout))
+
+    def _forward_traced(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """The same with views, rolls and a mask built in the graph: no cached index tensors, no
+        branch on the size, so torch.compile(dynamic=True) makes one graph for all sizes."""
+        M, s = self.window_size, self.shift_size
+        Hp, Wp = padded_size(hw[0], M), padded_size(hw[1], M)
+        mask = shift_mask(Hp, Wp, M, s, x.device) if s else None
+        windows = self.w_msa(partition_windows(x, hw, M, s), mask, (Hp // M) * (Wp // M))
+        return self.drop(merge_windows(windows, hw, M, s))
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -378,7 +391,9 @@ class FFN(nn.Module):
             out = _ChunkedGeluMLP.apply(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias,
                                         fc2.weight, fc2.bias)
             return self.dropout_layer(out.view(*x.shape[:-1], -1))
-        if plain_gelu and (drop.p == 0 or not self.training):
+        # torch.compile traces the plain layers (custom autograd functions with symbolic sizes
+        # fail in dynamo; inductor fuses the GELU itself).
+        if plain_gelu and (drop.p == 0 or not self.training) and not torch.compiler.is_compiling():
             h = fc1(x)
             out = _GeluLinear.apply(h.reshape(-1, h.shape[-1]), fc2.weight, fc2.bias)
             return self.dropout_layer(out.view(*h.shape[:-1], -1))

@@ -68,13 +68,31 @@ class WindowLayout:
 
 def padded_size(size: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= ``size``."""
-    return -(-size // multiple) * multiple
+    # not -(-size // multiple): negative intermediates defeat inductor's range analysis of
+    # symbolic sizes under torch.compile(dynamic=True)
+    return (size + multiple - 1) // multiple * multiple
 
 
-def _shift_regions(padded: int, window_size: int, shift_size: int) -> Tensor:
+def _shift_regions(padded: int, window_size: int, shift_size: int,
+                   device: Optional[torch.device] = None) -> Tensor:
     """Region label (0, 1, 2) of each row of the padded grid: slices (0,-M), (-M,-s), (-s,None)."""
-    pos = torch.arange(padded)
+    pos = torch.arange(padded, device=device)
     return (pos >= padded - window_size).long() + (pos >= padded - shift_size).long()
+
+
+def shift_mask(padded_height: int, padded_width: int, window_size: int, shift_size: int,
+               device: Optional[torch.device] = None) -> Tensor:
+    """``(nW, N, N)`` additive mask of the shifted grid: -100 between tokens of different regions.
+
+    Regions are the slices ``(0, -M), (-M, -s), (-s, None)`` of the padded grid along each axis;
+    they belong to positions of the shifted grid, i.e. to window slots.
+    """
+    M = window_size
+    nh, nw = padded_height // M, padded_width // M
+    region_h = _shift_regions(padded_height, M, shift_size, device).view(nh, 1, M, 1)
+    region_w = _shift_regions(padded_width, M, shift_size, device).view(1, nw, 1, M)
+    label = (region_h * 3 + region_w).reshape(nh * nw, M * M)
+    return (label.unsqueeze(1) != label.unsqueeze(2)).float() * MASK_VALUE
 
 
 @functools.lru_cache(maxsize=128)
@@ -111,14 +129,7 @@ def window_layout(height: int, width: int, window_size: int, shift_size: int,
     pad_slots = (torch.argsort(inside.int(), stable=True)[:num_pad].to(device)
                  if num_pad else None)
 
-    mask = None
-    if shift_size > 0:
-        # Regions belong to positions of the shifted grid, i.e. to slot coordinates.
-        region_h = _shift_regions(Hp, M, shift_size).view(nh, 1, M, 1).expand(nh, nw, M, M)
-        region_w = _shift_regions(Wp, M, shift_size).view(1, nw, 1, M).expand(nh, nw, M, M)
-        label = (region_h * 3 + region_w).reshape(nh * nw, M * M)
-        mask = (label.unsqueeze(1) != label.unsqueeze(2)).float() * MASK_VALUE
-        mask = mask.to(device)
+    mask = shift_mask(Hp, Wp, M, shift_size).to(device) if shift_size > 0 else None
     return WindowLayout(height, width, M, shift_size, nh * nw, gather.to(device), pad_slots,
                         scatter.reshape(-1).to(device), mask)
 
@@ -138,7 +149,10 @@ def relative_position_index(window_size: int, device: torch.device) -> Tensor:
 def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
     """Gather the bias table ``((2M-1)^2, h)`` into a per-head bias ``(h, N, N)``."""
     N = window_size * window_size
-    index = relative_position_index(window_size, table.device)
+    # traced, the index is built in the graph (dynamo does not honour lru_cache)
+    build = (relative_position_index.__wrapped__ if torch.compiler.is_compiling()
+             else relative_position_index)
+    index = build(window_size, table.device)
     return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
 
 
@@ -171,26 +185,53 @@ class _WindowPermutation(torch.autograd.Function):
         return _gather_tokens(grad, layout.gather_index, layout.pad_slots), None, None
 
 
-def _permute(x: Tensor, layout: WindowLayout, to_windows: bool) -> Tensor:
-    if not torch.compiler.is_compiling():
-        return _WindowPermutation.apply(x, layout, to_windows)
-    # traced as plain gathers, with autograd's own backward
-    if to_windows:
-        return _gather_tokens(x, layout.gather_index, layout.pad_slots)
-    return _gather_tokens(x, layout.scatter_index, None)
-
-
 def windows_from_tokens(x: Tensor, layout: WindowLayout) -> Tensor:
     """Pad, roll and partition in one gather: ``(B, H*W, C)`` -> ``(B * nW, N, C)``."""
     B, L, C = x.shape
-    return _permute(x, layout, True).view(B * layout.num_windows, -1, C)
+    return _WindowPermutation.apply(x, layout, True).view(B * layout.num_windows, -1, C)
 
 
 def tokens_from_windows(windows: Tensor, layout: WindowLayout) -> Tensor:
     """Inverse of :func:`windows_from_tokens` with the crop folded in: -> ``(B, H*W, C)``."""
     C = windows.shape[-1]
     B = windows.shape[0] // layout.num_windows
-    return _permute(windows.reshape(B, -1, C), layout, False)
+    return _WindowPermutation.apply(windows.reshape(B, -1, C), layout, False)
+
+
+def partition_windows(x: Tensor, hw: tuple[int, int], window_size: int, shift_size: int
+                      ) -> Tensor:
+    """The plain formula of :func:`windows_from_tokens` (pad, roll, partition by views).
+
+    ``(B, H*W, C)`` -> ``(B * nW, N, C)``. No index tensors: this is what torch.compile traces,
+    so that symbolic sizes give one graph for every input size.
+    """
+    B, _, C = x.shape
+    (H, W), M = hw, window_size
+    Hp, Wp = padded_size(H, M), padded_size(W, M)
+    x = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+    if shift_size:
+        x = torch.roll(x, (-shift_size, -shift_size), (1, 2))
+    nh, nw = Hp // M, Wp // M
+    out = x.new_empty(B * nh * nw, M * M, C)
+    out.view(B, nh, nw, M, M, C).copy_(x.view(B, nh, M, nw, M, C).permute(0, 1, 3, 2, 4, 5))
+    return out
+
+
+def merge_windows(windows: Tensor, hw: tuple[int, int], window_size: int, shift_size: int
+                  ) -> Tensor:
+    """Inverse of :func:`partition_windows` (merge, roll back, crop): -> ``(B, H*W, C)``."""
+    C = windows.shape[-1]
+    (H, W), M = hw, window_size
+    Hp, Wp = padded_size(H, M), padded_size(W, M)
+    nh, nw = Hp // M, Wp // M
+    B = windows.shape[0] // (nh * nw)
+    x = windows.new_empty(B, Hp, Wp, C)
+    x.view(B, nh, M, nw, M, C).copy_(windows.view(B, nh, nw, M, M, C).permute(0, 1, 3, 2, 4, 5))
+    if shift_size:
+        x = torch.roll(x, (shift_size, shift_size), (1, 2))
+    out = x.new_empty(B, H * W, C)
+    out.view(B, H, W, C).copy_(x[:, :H, :W])
+    return out
 
 
 def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -312,7 +353,7 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
     """
     BW, N, C3 = qkv.shape
     bias = bias.to(qkv.dtype)
-    if dropout_p > 0.0 or qkv.is_cuda:
+    if dropout_p > 0.0 or qkv.is_cuda or torch.compiler.is_compiling():
         out = _sdpa_window_attention(qkv, num_heads, scale, bias, num_windows, dropout_p)
         return F.linear(out, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(
@@ -499,8 +540,9 @@ def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tens
                            num_windows: int, dropout_p: float) -> Tensor:
     """The same attention (without the projection) through ``scaled_dot_product_attention``.
 
-    Used for attention dropout and on CUDA, where the fused kernels take the bias (with its
-    gradient) and never materialise the probabilities. The bias broadcasts, never expanded
+    Used for attention dropout, on CUDA, where the fused kernels take the bias (with its
+    gradient) and never materialise the probabilities, and under torch.compile (differentiable
+    without a custom autograd function, which dynamo cannot trace with symbolic sizes). The bias broadcasts, never expanded
     over the batch: ``(1, h, N, N)`` over ``B * nW`` windows, or, per window, ``(1, nW * h, N,
     N)`` with the batch viewed as ``(B, nW * h)``. Returns ``(B * nW, N, C)``.
     """

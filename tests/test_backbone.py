@@ -259,3 +259,49 @@ def test_tokens_to_nchw_in_blocks_equals_permute(monkeypatch):
     assert out.is_contiguous()
     assert torch.equal(out, x.view(2, 5, 7, 3).permute(0, 3, 1, 2))
     assert torch.autograd.gradcheck(lambda t: layers.tokens_to_nchw(t, (5, 7)), (x,))
+
+
+@pytest.mark.parametrize('hw', [(9, 13), (14, 14), (3, 5)])
+@pytest.mark.parametrize('shift', [False, True])
+def test_traced_window_path_equals_the_cached_gathers(hw, shift):
+    # What torch.compile traces (views, rolls, in-graph mask) against the eager gathers.
+    from swin_dense.layers import ShiftWindowMSA
+    torch.manual_seed(0)
+    attn = ShiftWindowMSA(8, 2, 7, 3 if shift else 0).double()
+    torch.nn.init.normal_(attn.w_msa.relative_position_bias_table, std=0.5)
+    x = torch.randn(2, hw[0] * hw[1], 8, dtype=torch.float64, requires_grad=True)
+    out, traced = attn(x, hw), attn._forward_traced(x, hw)
+    torch.testing.assert_close(traced, out)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(traced, (x, *attn.parameters()), grad),
+                    torch.autograd.grad(out, (x, *attn.parameters()), grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_makes_one_graph_for_sizes_of_a_class():
+    # dynamic=True: sizes that pad alike at every stage share one graph (a new size is no
+    # recompile); outputs and gradients equal eager's. aot_eager: the traced graph, no codegen.
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+    model = small(drop_path_rate=0.0).train()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    graphs_per_size = []
+    for size in [(256, 320), (320, 384), (288, 416)]:  # every stage padded, >= 2 windows a side
+        x = torch.randn(1, 3, *size)
+        ref = model(x)
+        out = compiled(x)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        grads = [torch.autograd.grad(sum(o.square().sum() for o in outs), model.parameters())
+                 for outs in (out, ref)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        graphs_per_size.append(len(graphs))
+    assert graphs and graphs_per_size == [len(graphs)] * 3  # nothing compiled after the first size

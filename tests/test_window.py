@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from swin_dense.window import (MASK_VALUE, PROB_FLOOR, _attention_probs,
-                               chunked_window_attention, relative_position_bias,
-                               relative_position_index, tokens_from_windows, window_attention,
-                               window_layout, windows_from_tokens)
+                               chunked_window_attention, merge_windows, partition_windows,
+                               relative_position_bias, relative_position_index, shift_mask,
+                               tokens_from_windows, window_attention, window_layout,
+                               windows_from_tokens)
 
 
 def official_windows(x, H, W, M, s):
@@ -45,6 +46,7 @@ def test_gather_equals_pad_roll_partition(H, W, M):
         layout = window_layout(H, W, M, s, torch.device('cpu'))
         ref, Hp, Wp = official_windows(x, H, W, M, s)
         assert torch.equal(windows_from_tokens(x, layout), ref)
+        assert torch.equal(partition_windows(x, (H, W), M, s), ref)  # the traced variant
         assert layout.num_windows == (Hp // M) * (Wp // M)
 
 
@@ -60,6 +62,13 @@ def test_scatter_inverts_gather_with_crop(H, W):
         y = torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(3, H * W, 4)
         assert torch.equal(tokens_from_windows(windows_from_tokens(x, layout), layout), x)
         assert torch.equal(y, x)
+        # Any windows (padding slots not zero): both inverses read the same slots.
+        w = torch.randn(3 * layout.num_windows, M * M, 4)
+        merged = merge_windows(w, (H, W), M, s)
+        y = w.view(3, Hp // M, Wp // M, M, M, 4).permute(0, 1, 3, 2, 4, 5).reshape(3, Hp, Wp, 4)
+        y = torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(3, H * W, 4)
+        assert torch.equal(merged, y)
+        assert torch.equal(tokens_from_windows(w, layout), y)
 
 
 @pytest.mark.parametrize('M', [7, 12])
@@ -69,6 +78,7 @@ def test_shift_mask_equals_official_slices(H, W, M):
     layout = window_layout(H, W, M, s, torch.device('cpu'))
     Hp, Wp = -(-H // M) * M, -(-W // M) * M
     assert torch.equal(layout.mask, official_mask(Hp, Wp, M, s))
+    assert torch.equal(shift_mask(Hp, Wp, M, s), official_mask(Hp, Wp, M, s))
     assert set(layout.mask.unique().tolist()) <= {0.0, MASK_VALUE}
     assert window_layout(H, W, M, 0, torch.device('cpu')).mask is None
 
