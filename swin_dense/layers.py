@@ -163,8 +163,12 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """2x2 neighbourhood concat + LayerNorm + Linear(4C -> 2C): ``(B, H*W, C)`` -> ``(B, H/2*W/2, 2C)``.
 
-    Odd sizes are zero-padded bottom/right. The 4C vector is in mmcv's ``nn.Unfold`` order,
-    ``index = c * 4 + 2 * dy + dx``, so mmdet/mmseg weights apply as they are.
+    Odd sizes are zero-padded bottom/right. The parameters are in mmcv's ``nn.Unfold`` order of
+    the 4C vector, ``index = c * 4 + 2 * dy + dx``, so mmdet/mmseg weights apply as they are.
+    The tokens are concatenated in the order ``(2 * dy + dx) * C + c`` instead (runs of C
+    contiguous channels: a 3-4x cheaper copy than the Unfold order's element-wise interleave),
+    and the parameters are permuted to match; LayerNorm does not depend on the feature order,
+    so the output is the same.
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm_cfg: Optional[dict]) -> None:
@@ -173,6 +177,9 @@ class PatchMerging(nn.Module):
         self.out_channels = out_channels
         self.norm = build_norm(norm_cfg, 4 * in_channels) if norm_cfg is not None else None
         self.reduction = nn.Linear(4 * in_channels, out_channels, bias=False)
+        # feature (2 * dy + dx) * C + c of the concatenation is Unfold feature c * 4 + 2 * dy + dx
+        order = torch.arange(4 * in_channels).view(in_channels, 4).t().reshape(-1)
+        self.register_buffer('unfold_order', order, persistent=False)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
         B, L, C = x.shape
@@ -181,11 +188,15 @@ class PatchMerging(nn.Module):
         if torch.compiler.is_compiling() or H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         Ho, Wo = (H + 1) // 2, (W + 1) // 2
-        # (B, Ho, dy, Wo, dx, C) -> (B, Ho, Wo, C, dy, dx): Unfold order.
-        x = x.view(B, Ho, 2, Wo, 2, C).permute(0, 1, 3, 5, 2, 4).reshape(B, Ho * Wo, 4 * C)
+        # (B, Ho, dy, Wo, dx, C) -> (B, Ho, Wo, dy, dx, C)
+        x = x.view(B, Ho, 2, Wo, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Ho * Wo, 4 * C)
+        order = self.unfold_order
         if self.norm is not None:
-            x = self.norm(x)
-        return self.reduction(x), (Ho, Wo)
+            norm = self.norm
+            x = F.layer_norm(x, norm.normalized_shape,
+                             None if norm.weight is None else norm.weight[order],
+                             None if norm.bias is None else norm.bias[order], norm.eps)
+        return F.linear(x, self.reduction.weight[:, order]), (Ho, Wo)
 
 
 class WindowMSA(nn.Module):

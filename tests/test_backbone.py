@@ -305,3 +305,25 @@ def test_torch_compile_makes_one_graph_for_sizes_of_a_class():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         graphs_per_size.append(len(graphs))
     assert graphs and graphs_per_size == [len(graphs)] * 3  # nothing compiled after the first size
+
+
+@pytest.mark.parametrize('hw', [(6, 8), (7, 9), (1, 1)])
+def test_patch_merging_equals_mmcv_unfold(hw):
+    # Ours concatenates in (dy, dx, c) order and permutes the Unfold-order parameters to match.
+    from mmcv.cnn.bricks.transformer import PatchMerging as MmcvPatchMerging
+    from swin_dense.layers import PatchMerging
+    torch.manual_seed(0)
+    peer = MmcvPatchMerging(6, 12, stride=2, norm_cfg=dict(type='LN'))
+    for p in peer.norm.parameters():
+        torch.nn.init.normal_(p)
+    ours = PatchMerging(6, 12, dict(type='LN'))
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, hw[0] * hw[1], 6, requires_grad=True)
+    out, out_hw = ours(x, hw)
+    ref, ref_hw = peer(x, hw)
+    assert out_hw == tuple(ref_hw)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, *ours.parameters()), grad),
+                    torch.autograd.grad(ref, (x, *peer.parameters()), grad)):
+        torch.testing.assert_close(a, b)
