@@ -298,7 +298,9 @@ class ShiftWindowMSA(nn.Module):
 
     def _forward_traced(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """The same with views, rolls and a mask built in the graph: no cached index tensors, no
-        branch on the size, so torch.compile(dynamic=True) makes one graph for all sizes."""
+        branch on the size, so torch.compile(dynamic=True) makes one graph for all sizes that
+        pad alike (the framework still guards on a map being a multiple of the window and on
+        single-window rows or columns)."""
         M, s = self.window_size, self.shift_size
         Hp, Wp = padded_size(hw[0], M), padded_size(hw[1], M)
         mask = shift_mask(Hp, Wp, M, s, x.device) if s else None

@@ -203,7 +203,7 @@ def partition_windows(x: Tensor, hw: tuple[int, int], window_size: int, shift_si
     """The plain formula of :func:`windows_from_tokens` (pad, roll, partition by views).
 
     ``(B, H*W, C)`` -> ``(B * nW, N, C)``. No index tensors: this is what torch.compile traces,
-    so that symbolic sizes give one graph for every input size.
+    so that with symbolic sizes one graph serves all input sizes that pad alike.
     """
     B, _, C = x.shape
     (H, W), M = hw, window_size
@@ -540,11 +540,12 @@ def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tens
                            num_windows: int, dropout_p: float) -> Tensor:
     """The same attention (without the projection) through ``scaled_dot_product_attention``.
 
-    Used for attention dropout, on CUDA, where the fused kernels take the bias (with its
-    gradient) and never materialise the probabilities, and under torch.compile (differentiable
-    without a custom autograd function, which dynamo cannot trace with symbolic sizes). The bias broadcasts, never expanded
-    over the batch: ``(1, h, N, N)`` over ``B * nW`` windows, or, per window, ``(1, nW * h, N,
-    N)`` with the batch viewed as ``(B, nW * h)``. Returns ``(B * nW, N, C)``.
+    Used for attention dropout; on CUDA, where the fused kernels take the bias (with its
+    gradient) and never materialise the probabilities; and under torch.compile (differentiable
+    without a custom autograd function, which dynamo does not trace with symbolic sizes). The
+    bias broadcasts, never expanded over the batch: ``(1, h, N, N)`` over ``B * nW`` windows,
+    or, per window, ``(1, nW * h, N, N)`` with the batch viewed as ``(B, nW * h)``. Returns
+    ``(B * nW, N, C)``.
     """
     BW, N, C3 = qkv.shape
     if bias.dim() == 3:
