@@ -3,9 +3,10 @@
     python tools/benchmark.py                    # CPU, fp32: the table, then JSON
     python tools/benchmark.py --device cuda --amp fp16 --json results.json
 
-Both backbones get the same weights (ours loads the peer's state dict). Timed runs of the two
-alternate (mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the
-median is reported. Peak memory is measured in isolated child processes (CPU: growth of the
+Both backbones get the same weights (ours loads the peer's state dict). Each case and mode is
+timed in a fresh child process (on the CPU the allocator state left by earlier cases moved the
+peer's 800x1344 train step by 10%); within it, timed runs of the two alternate (mmdet, ours,
+mmdet, ours, ...) so that drift on the machine hits both alike; the median is reported. Peak memory is measured in isolated child processes (CPU: growth of the
 peak RSS over the process's state before the step; CUDA: ``max_memory_allocated``). Effective
 GFLOP/s uses FLOPs counted by ``torch.utils.flop_counter`` on the peer, against a square fp32
 GEMM timed in the same run.
@@ -127,6 +128,16 @@ def max_abs_diff(models: dict[str, torch.nn.Module], x: torch.Tensor, amp: str |
                for a, b in zip(outs['mmdet'], outs['ours']))
 
 
+def time_case_child(args: argparse.Namespace, case: str, mode: str) -> dict[str, float]:
+    """Median seconds of each impl for one case and mode, timed in a fresh process."""
+    cmd = [sys.executable, __file__, '--time-child', case, mode, '--repeats', str(args.repeats),
+           '--arch', args.arch, '--device', args.device, '--threads', str(torch.get_num_threads())]
+    if args.amp:
+        cmd += ['--amp', args.amp]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def peak_memory_child(impl: str, arch: str, device: str, mode: str, batch: int, h: int, w: int,
                       amp: str | None) -> float:
     """Run one step in a fresh process; return its peak memory growth in MiB."""
@@ -139,6 +150,18 @@ def peak_memory_child(impl: str, arch: str, device: str, mode: str, batch: int, 
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def time_child(args: argparse.Namespace) -> None:
+    """Entry point of the isolated timing run (prints the medians as JSON)."""
+    import warnings
+    warnings.filterwarnings('ignore')
+    name, mode = args.time_child
+    batch, h, w = next(c[1:] for c in CASES if c[0] == name)
+    models = {impl: build(impl, args.arch, args.device) for impl in IMPLS}
+    x = torch.randn(batch, 3, h, w, device=args.device)
+    runs = {k: step_fn(m, x, mode, args.amp) for k, m in models.items()}
+    print(json.dumps(time_interleaved(runs, args.repeats, args.device)))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -190,11 +213,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument('--no-memory', action='store_true', help='skip the isolated memory runs')
     parser.add_argument('--json', type=Path, default=None, help='also write the results here')
     parser.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument('--time-child', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         child(args)
+        return {}
+    if args.time_child:
+        time_child(args)
         return {}
 
     import warnings
@@ -213,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = torch.randn(batch, 3, h, w, device=device)
         diff = max_abs_diff(models, x, args.amp)
         for mode in args.modes:
-            times = time_interleaved({k: step_fn(m, x, mode, args.amp) for k, m in models.items()},
-                                     args.repeats, device)
+            times = time_case_child(args, name, mode)
             flops = count_flops(models['mmdet'], x, mode)
             row = dict(case=name, mode=mode, mmdet_s=times['mmdet'], ours_s=times['ours'],
                        speedup=times['mmdet'] / times['ours'], gflop=flops / 1e9,

@@ -1,0 +1,22 @@
+"""tools/benchmark.py runs end to end: both backbones, the same weights, JSON that adds up."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smallest_case_reports_parity_and_ratios(tmp_path):
+    out = tmp_path / 'bench.json'
+    subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--cases', '224x224 b8',
+                    '--modes', 'infer', '--repeats', '1', '--no-memory', '--json', str(out)],
+                   check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    (row,) = result['cases']
+    assert (row['case'], row['mode']) == ('224x224 b8', 'infer')
+    assert row['max_abs_diff'] < 1e-5  # same weights, same input: the issue's parity bound
+    assert row['speedup'] == row['mmdet_s'] / row['ours_s']
+    # Swin-T at 224: 4.5 GMACs per image (published), 8 images, 2 FLOPs per MAC
+    assert 65 < row['gflop'] < 80
+    assert result['gemm_gflops'] > 0 and row['ours_gflops'] > 0
