@@ -4,12 +4,13 @@
     python tools/benchmark.py --device cuda --amp fp16 --json results.json
 
 Both backbones get the same weights (ours loads the peer's state dict). Each case and mode is
-timed in a fresh child process (on the CPU the allocator state left by earlier cases moved the
-peer's 800x1344 train step by 10%); within it, timed runs of the two alternate (mmdet, ours,
-mmdet, ours, ...) so that drift on the machine hits both alike; the median is reported. Peak memory is measured in isolated child processes (CPU: growth of the
-peak RSS over the process's state before the step; CUDA: ``max_memory_allocated``). Effective
-GFLOP/s uses FLOPs counted by ``torch.utils.flop_counter`` on the peer, against a square fp32
-GEMM timed in the same run.
+timed in a fresh child process, so that no figure depends on which cases ran before (on the CPU
+the peer's large cases move by 10-20% with the allocator state; see README "Performance");
+within it, timed runs of the two alternate (mmdet, ours, mmdet, ours, ...) so that drift on the
+machine hits both alike; the median is reported. Peak memory is measured in isolated child
+processes (CPU: growth of the peak RSS over the process's state before the step; CUDA:
+``max_memory_allocated``). Effective GFLOP/s uses FLOPs counted by ``torch.utils.flop_counter``
+on the peer, against a square fp32 GEMM timed in the same run.
 """
 from __future__ import annotations
 
