@@ -399,14 +399,15 @@ class FFN(nn.Module):
         plain_gelu = type(act) is nn.GELU and act.approximate == 'none'
         if plain_gelu and not torch.is_grad_enabled():  # inference: GELU in place
             return self.dropout_layer(fc2(drop(torch.ops.aten.gelu_(fc1(x)))))
-        if (plain_gelu and (drop.p == 0 or not self.training) and _cpu_fp32(x)
-                and fc1.bias is not None and fc2.bias is not None):
+        # torch.compile traces the plain layers (custom autograd functions with symbolic sizes
+        # fail in dynamo; inductor fuses the GELU itself).
+        fused = (plain_gelu and (drop.p == 0 or not self.training)
+                 and not torch.compiler.is_compiling())
+        if fused and _cpu_fp32(x) and fc1.bias is not None and fc2.bias is not None:
             out = _ChunkedGeluMLP.apply(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias,
                                         fc2.weight, fc2.bias)
             return self.dropout_layer(out.view(*x.shape[:-1], -1))
-        # torch.compile traces the plain layers (custom autograd functions with symbolic sizes
-        # fail in dynamo; inductor fuses the GELU itself).
-        if plain_gelu and (drop.p == 0 or not self.training) and not torch.compiler.is_compiling():
+        if fused:
             h = fc1(x)
             out = _GeluLinear.apply(h.reshape(-1, h.shape[-1]), fc2.weight, fc2.bias)
             return self.dropout_layer(out.view(*h.shape[:-1], -1))

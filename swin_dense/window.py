@@ -129,7 +129,7 @@ def window_layout(height: int, width: int, window_size: int, shift_size: int,
     pad_slots = (torch.argsort(inside.int(), stable=True)[:num_pad].to(device)
                  if num_pad else None)
 
-    mask = shift_mask(Hp, Wp, M, shift_size).to(device) if shift_size > 0 else None
+    mask = shift_mask(Hp, Wp, M, shift_size, device) if shift_size > 0 else None
     return WindowLayout(height, width, M, shift_size, nh * nw, gather.to(device), pad_slots,
                         scatter.reshape(-1).to(device), mask)
 

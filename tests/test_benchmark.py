@@ -1,17 +1,15 @@
 """tools/benchmark.py runs end to end: both backbones, the same weights, JSON that adds up."""
 import json
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tool_runs import REPO, run_to_end
 
 
 def test_benchmark_smallest_case_reports_parity_and_ratios(tmp_path):
     out = tmp_path / 'bench.json'
-    subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--cases', '224x224 b8',
-                    '--modes', 'infer', '--repeats', '1', '--no-memory', '--json', str(out)],
-                   check=True, capture_output=True, text=True)
+    run_to_end([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--cases', '224x224 b8',
+                '--modes', 'infer', '--repeats', '1', '--no-memory', '--json', str(out)],
+               cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     (row,) = result['cases']
     assert (row['case'], row['mode']) == ('224x224 b8', 'infer')
