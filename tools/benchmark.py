@@ -88,8 +88,9 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: str | None
 def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str
                      ) -> dict[str, float]:
     """Median seconds of each run; runs alternate so machine drift hits all alike."""
-    for run in runs.values():  # warm-up: caches, allocator, lazy init
-        run()
+    for _ in range(3 if device == 'cuda' else 1):  # warm-up: caches, allocator, kernel choice
+        for run in runs.values():
+            run()
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
     parser.add_argument('--time-child', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # fp32 means fp32 on CUDA too: no TF32 (cuDNN convolutions allow it by default), for both.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
 def print_row(row: dict, gemm: float, first: bool, results: dict) -> None:
     if first:
         print(f"# {results['device']}, {results['threads']} threads, torch {results['torch']}, "
-              f"Swin-{results['arch'][0].upper()}, amp={results['amp']}, fp32 GEMM "
+              f"Swin-{results['arch'][0].upper()}, amp={results['amp']}, fp32 (no TF32) GEMM "
               f"{gemm:.0f} GFLOP/s, median of {results['repeats']}")
         print(f"{'case':<14}{'mode':<7}{'mmdet s':>9}{'ours s':>9}{'speedup':>9}"
               f"{'GFLOP/s mm/ours':>17}{'%GEMM ours':>11}{'mem MiB mm/ours':>17}{'mem ratio':>10}"

@@ -1,0 +1,149 @@
+"""The CUDA paths (SDPA attention, autocast) against mmdet's Swin on the same GPU.
+
+Skipped where no GPU is present (CI has none); on a GPU machine:
+
+    python -m pytest tests/test_cuda.py -v -s
+
+fp32 here means fp32: TF32 is switched off for matrix products and convolutions, for both
+models alike (PyTorch allows it in cuDNN convolutions by default, which would put ~1e-3 into
+the patch embedding of both). Under autocast the two models round differently, so each is
+compared with the fp32 forward of the same weights, and ours must stay as close to it as the
+peer does.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swin_dense import SwinBackbone
+from test_parity import ATOL, TINY, peer_and_ours
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+mmdet_backbones = pytest.importorskip('mmdet.models.backbones')
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def cuda_pair(tmp_path, **kwargs):
+    peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True, **kwargs)
+    return peer.cuda(), ours.cuda()
+
+
+@pytest.fixture(scope='module')
+def pair(tmp_path_factory):
+    return cuda_pair(tmp_path_factory.mktemp('cuda'))
+
+
+def image(batch: int, size: tuple[int, int], seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def grads(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None,
+          seed: int = 7) -> dict[str, torch.Tensor]:
+    """Train-mode gradients of a fixed random projection of the outputs: the input's under
+    ``'input'``, every parameter's by name."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same stochastic-depth draws, in the same order
+    with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
+        outs = model(x)
+    g = torch.Generator(device='cuda').manual_seed(3)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g, device='cuda')).sum()
+               / o.numel() ** 0.5 for o in outs)
+    loss.backward()
+    model.eval()
+    return {'input': x.grad, **{n: p.grad for n, p in model.named_parameters()
+                                if p.grad is not None}}
+
+
+@pytest.mark.parametrize('size', [(224, 224), (511, 511), (112, 137), (800, 1333), (7, 7),
+                                  (1, 1)])
+def test_fp32_outputs_equal_mmdet(pair, size):
+    peer, ours = pair
+    x = image(2, size, seed=0)
+    with torch.no_grad():
+        expected, got = peer(x), ours(x)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape and g.is_cuda
+        assert (e - g).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize('drop_path_rate', [0.0, 0.2])
+def test_fp32_train_gradients_equal_mmdet(tmp_path, drop_path_rate):
+    peer, ours = cuda_pair(tmp_path, drop_path_rate=drop_path_rate)
+    x = image(2, (112, 137), seed=3)
+    expected, got = grads(peer, x), grads(ours, x)
+    assert expected.keys() == got.keys() and len(got) > 100
+    for name, e in expected.items():
+        assert (e - got[name]).abs().max().item() <= ATOL * max(e.abs().max().item(), 1), name
+
+
+def test_moved_to_the_gpu_after_a_cpu_run(tmp_path):
+    """The eval bias cache filled on the CPU must not follow the model to the GPU."""
+    peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True)
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        on_cpu = ours(x)
+        ours.cuda()
+        on_gpu = ours(x.cuda())
+    for c, g in zip(on_cpu, on_gpu, strict=True):
+        assert g.is_cuda and (c - g.cpu()).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=['fp16', 'bf16'])
+def test_autocast_forward_as_close_to_fp32_as_mmdet(pair, dtype):
+    peer, ours = pair
+    x = image(1, (800, 1333), seed=1)
+    with torch.no_grad():
+        ref = ours(x)
+        with torch.autocast('cuda', dtype=dtype):
+            got, expected = ours(x), peer(x)
+    for g, e, r in zip(got, expected, ref, strict=True):
+        assert g.dtype == e.dtype and torch.isfinite(g).all()
+        assert rel(g, r) <= max(1.5 * rel(e, r), 1e-3), (rel(g, r), rel(e, r))
+    print(f'\n{dtype}: relative error to fp32, ours / mmdet: ' + ', '.join(
+        f'{rel(g, r):.1e}/{rel(e, r):.1e}' for g, e, r in zip(got, expected, ref)))
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=['fp16', 'bf16'])
+def test_autocast_gradients_as_close_to_fp32_as_mmdet(tmp_path, dtype):
+    peer, ours = cuda_pair(tmp_path, drop_path_rate=0.0)
+    x = image(1, (224, 352), seed=2)
+    ref = grads(ours, x)
+    got, expected = grads(ours, x, dtype), grads(peer, x, dtype)
+
+    def error(g: dict) -> float:
+        return (sum((g[n].float() - ref[n]).norm() ** 2 for n in ref)
+                / sum(r.norm() ** 2 for r in ref.values())).sqrt().item()
+
+    assert all(torch.isfinite(g).all() for g in got.values())
+    assert all(got[n].dtype == torch.float32 for n in got if n != 'input')  # fp32 master weights
+    assert error(got) <= max(1.5 * error(expected), 1e-3), (error(got), error(expected))
+    print(f'\n{dtype}: gradient relative error to fp32, ours {error(got):.1e}, '
+          f'mmdet {error(expected):.1e}')
+
+
+def test_half_model_runs_and_stays_close(pair):
+    """``model.half()`` with an fp16 image (deployment without autocast)."""
+    peer, ours = pair
+    x = image(1, (224, 320), seed=5)
+    with torch.no_grad():
+        ref = ours(x)
+        half = SwinBackbone(**TINY).cuda().eval()
+        half.load_state_dict(ours.state_dict())
+        got = half.half()(x.half())
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.float16 and torch.isfinite(g).all()
+        assert rel(g, r) <= 1e-2
