@@ -209,6 +209,20 @@ def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
             x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk), ref)
 
 
+@pytest.mark.parametrize('training', [False, True])
+def test_cpu_forward_attends_in_the_fused_kernel(training):
+    """On CPU in fp32 the forward attends in SDPA's fused kernel, never in its math fallback
+    (which a 3-d mask, or one that requires grad, would select at twice the cost)."""
+    from swin_dense import SwinBackbone
+    model = SwinBackbone(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+    model.train(training)
+    with torch.profiler.profile() as prof, torch.set_grad_enabled(training):
+        model(torch.randn(1, 3, 64, 96))
+    ops = {e.key for e in prof.key_averages()}
+    assert 'aten::_scaled_dot_product_flash_attention_for_cpu' in ops
+    assert 'aten::_scaled_dot_product_attention_math' not in ops
+
+
 def test_masked_probabilities_are_exact_zeros():
     """exp(-100) is a float32 denormal; the probabilities carry 0 instead (no output changes)."""
     torch.manual_seed(0)
