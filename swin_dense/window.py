@@ -5,7 +5,8 @@ Everything the shifted-window scheme needs that depends only on sizes is built o
 token map in one step, its inverse with the crop folded in, the -100 shift mask, and the
 relative-position index. ``window_attention`` is the attention itself (with the output
 projection); ``chunked_window_attention`` adds the qkv projection and runs a chunk of windows
-at a time, forward and backward, for the CPU (see ``layers.CHUNK_NUMEL``).
+at a time, forward (in PyTorch's fused attention kernel) and backward (explicit, recomputing
+the probabilities), for the CPU (see ``layers.CHUNK_NUMEL``).
 
 Order of operations, identical to the official code, mmdet, mmseg and torchvision
 (REFERENCE detail 1): zero-pad bottom/right to a multiple of the window, cyclic shift by
@@ -407,8 +408,8 @@ def _chunk_attended(qkv: Tensor, bias: Tensor, num_heads: int, scale: float) -> 
     q, k, v = _split_heads(qkv, num_heads)
     # SDPA falls back to its math path for a 3-d mask or one that requires grad (here nothing
     # is recorded: inference, or the forward of an autograd function with its own backward).
-    bias = bias.detach() if bias.dim() == 4 else bias.detach().unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    mask = bias.detach().reshape(-1, *bias.shape[-3:])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return _merge_heads(out).view(-1, qkv.shape[-1] // 3)
 
 
