@@ -2,11 +2,13 @@
 
     python tools/benchmark.py                    # CPU, fp32: the table, then JSON
     python tools/benchmark.py --device cuda --amp fp16 --json results.json
+    python tools/benchmark.py --device cuda --in-process --no-memory   # a few minutes less
 
 Both backbones get the same weights (ours loads the peer's state dict). Each case and mode is
 timed in a fresh child process, so that no figure depends on which cases ran before (on the CPU
-the peer's large cases move by 10-20% with the allocator state; see README "Performance");
-within it, timed runs of the two alternate (mmdet, ours, mmdet, ours, ...) so that drift on the
+the peer's large cases move by 10-20% with the allocator state; see README "Performance"),
+or all in the main process with ``--in-process`` (no start-up per case: on a GPU machine each
+child spends ~15 s importing the toolkits). Within it, timed runs of the two alternate (mmdet, ours, mmdet, ours, ...) so that drift on the
 machine hits both alike; the median is reported. Peak memory is measured in isolated child
 processes (CPU: growth of the peak RSS over the process's state before the step; CUDA:
 ``max_memory_allocated``). Effective GFLOP/s uses FLOPs counted by ``torch.utils.flop_counter``
@@ -130,6 +132,22 @@ def max_abs_diff(models: dict[str, torch.nn.Module], x: torch.Tensor, amp: str |
                for a, b in zip(outs['mmdet'], outs['ours']))
 
 
+def time_case(args: argparse.Namespace, case: str, mode: str,
+              models: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Median seconds of each impl for one case and mode (in a fresh process by default)."""
+    if args.in_process:
+        return time_in_process(args, case, mode, models)
+    return time_case_child(args, case, mode)
+
+
+def time_in_process(args: argparse.Namespace, case: str, mode: str,
+                    models: dict[str, torch.nn.Module]) -> dict[str, float]:
+    batch, h, w = next(c[1:] for c in CASES if c[0] == case)
+    x = torch.randn(batch, 3, h, w, device=args.device)
+    runs = {k: step_fn(m, x, mode, args.amp) for k, m in models.items()}
+    return time_interleaved(runs, args.repeats, args.device)
+
+
 def time_case_child(args: argparse.Namespace, case: str, mode: str) -> dict[str, float]:
     """Median seconds of each impl for one case and mode, timed in a fresh process."""
     cmd = [sys.executable, __file__, '--time-child', case, mode, '--repeats', str(args.repeats),
@@ -159,11 +177,8 @@ def time_child(args: argparse.Namespace) -> None:
     import warnings
     warnings.filterwarnings('ignore')
     name, mode = args.time_child
-    batch, h, w = next(c[1:] for c in CASES if c[0] == name)
     models = {impl: build(impl, args.arch, args.device) for impl in IMPLS}
-    x = torch.randn(batch, 3, h, w, device=args.device)
-    runs = {k: step_fn(m, x, mode, args.amp) for k, m in models.items()}
-    print(json.dumps(time_interleaved(runs, args.repeats, args.device)))
+    print(json.dumps(time_in_process(args, name, mode, models)))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -213,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'],
                         choices=['infer', 'train'])
     parser.add_argument('--no-memory', action='store_true', help='skip the isolated memory runs')
+    parser.add_argument('--in-process', action='store_true',
+                        help='time every case in this process (no child start-up per case: '
+                             'fits a short GPU session; on the CPU the peer then depends on the '
+                             'cases before, see README "Performance")')
     parser.add_argument('--json', type=Path, default=None, help='also write the results here')
     parser.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
     parser.add_argument('--time-child', nargs=2, help=argparse.SUPPRESS)
@@ -237,14 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
         device=torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or
         platform.machine(),
         threads=torch.get_num_threads(), torch=torch.__version__, arch=args.arch, amp=args.amp,
-        repeats=args.repeats, gemm_gflops=round(gemm, 1), cases=[])
+        repeats=args.repeats, in_process=args.in_process, gemm_gflops=round(gemm, 1), cases=[])
     for name, batch, h, w in CASES:
         if name not in args.cases:
             continue
         x = torch.randn(batch, 3, h, w, device=device)
         diff = max_abs_diff(models, x, args.amp)
         for mode in args.modes:
-            times = time_case_child(args, name, mode)
+            times = time_case(args, name, mode, models)
             flops = count_flops(models['mmdet'], x, mode)
             row = dict(case=name, mode=mode, mmdet_s=times['mmdet'], ours_s=times['ours'],
                        speedup=times['mmdet'] / times['ours'], gflop=flops / 1e9,
