@@ -212,7 +212,7 @@ def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
 @pytest.mark.parametrize('training', [False, True])
 def test_cpu_forward_attends_in_the_fused_kernel(training):
     """On CPU in fp32 the forward attends in SDPA's fused kernel, never in its math fallback
-    (which a 3-d mask, or one that requires grad, would select at twice the cost)."""
+    (which a 3-d mask, or one that requires grad, selects: slower than explicit attention)."""
     from swin_dense import SwinBackbone
     model = SwinBackbone(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     model.train(training)
