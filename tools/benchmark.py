@@ -9,10 +9,11 @@ timed in a fresh child process, so that no figure depends on which cases ran bef
 the peer's large cases move by 10-20% with the allocator state; see README "Performance"),
 or all in the main process with ``--in-process`` (no start-up per case: on a GPU machine each
 child spends ~15 s importing the toolkits). Within a process, timed runs of the two alternate
-(mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the median is reported. Peak memory is measured in isolated child
-processes (CPU: growth of the peak RSS over the process's state before the step; CUDA:
-``max_memory_allocated``). Effective GFLOP/s uses FLOPs counted by ``torch.utils.flop_counter``
-on the peer, against a square fp32 GEMM timed in the same run.
+(mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the median is
+reported. Peak memory is measured in isolated child processes (CPU: growth of the peak RSS over
+the process's state before the step; CUDA: ``max_memory_allocated``). Effective GFLOP/s uses
+FLOPs counted by ``torch.utils.flop_counter`` on the peer, against a square fp32 GEMM timed in
+the same run.
 """
 from __future__ import annotations
 
