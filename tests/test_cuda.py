@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from swin_dense import SwinBackbone
+from test_amp import _grad_error, rel
 from test_parity import ATOL, TINY, peer_and_ours
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -43,10 +44,6 @@ def pair(tmp_path_factory):
 
 def image(batch: int, size: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).cuda()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def grads(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None,
@@ -123,16 +120,12 @@ def test_autocast_gradients_as_close_to_fp32_as_mmdet(tmp_path, dtype):
     x = image(1, (224, 352), seed=2)
     ref = grads(ours, x)
     got, expected = grads(ours, x, dtype), grads(peer, x, dtype)
-
-    def error(g: dict) -> float:
-        return (sum((g[n].float() - ref[n]).norm() ** 2 for n in ref)
-                / sum(r.norm() ** 2 for r in ref.values())).sqrt().item()
-
     assert all(torch.isfinite(g).all() for g in got.values())
     assert all(got[n].dtype == torch.float32 for n in got if n != 'input')  # fp32 master weights
-    assert error(got) <= max(1.5 * error(expected), 1e-3), (error(got), error(expected))
-    print(f'\n{dtype}: gradient relative error to fp32, ours {error(got):.1e}, '
-          f'mmdet {error(expected):.1e}')
+    ours_error, mmdet_error = _grad_error(got, ref), _grad_error(expected, ref)
+    assert ours_error <= max(1.5 * mmdet_error, 1e-3), (ours_error, mmdet_error)
+    print(f'\n{dtype}: gradient relative error to fp32, ours {ours_error:.1e}, '
+          f'mmdet {mmdet_error:.1e}')
 
 
 def test_half_model_runs_and_stays_close(pair):

@@ -22,6 +22,14 @@ def official_windows(x, H, W, M, s):
     return x.reshape(-1, M * M, C), Hp, Wp
 
 
+def official_merge(windows, H, W, M, s):
+    """The official inverse, step by step: reverse partition, roll back by +s, crop."""
+    Hp, Wp = -(-H // M) * M, -(-W // M) * M
+    B, C = windows.shape[0] // (Hp // M * (Wp // M)), windows.shape[-1]
+    y = windows.view(B, Hp // M, Wp // M, M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    return torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(B, H * W, C)
+
+
 def official_mask(Hp, Wp, M, s):
     """The official slice-based construction of the SW-MSA mask."""
     img_mask = torch.zeros(1, Hp, Wp, 1)
@@ -56,18 +64,12 @@ def test_scatter_inverts_gather_with_crop(H, W):
     x = torch.randn(3, H * W, 4)
     for s in (0, 3):
         layout = window_layout(H, W, M, s, torch.device('cpu'))
-        # Official inverse: reverse partition, roll back, crop.
-        w, Hp, Wp = official_windows(x, H, W, M, s)
-        y = w.view(3, Hp // M, Wp // M, M, M, 4).permute(0, 1, 3, 2, 4, 5).reshape(3, Hp, Wp, 4)
-        y = torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(3, H * W, 4)
         assert torch.equal(tokens_from_windows(windows_from_tokens(x, layout), layout), x)
-        assert torch.equal(y, x)
+        assert torch.equal(official_merge(official_windows(x, H, W, M, s)[0], H, W, M, s), x)
         # Any windows (padding slots not zero): both inverses read the same slots.
         w = torch.randn(3 * layout.num_windows, M * M, 4)
-        merged = merge_windows(w, (H, W), M, s)
-        y = w.view(3, Hp // M, Wp // M, M, M, 4).permute(0, 1, 3, 2, 4, 5).reshape(3, Hp, Wp, 4)
-        y = torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(3, H * W, 4)
-        assert torch.equal(merged, y)
+        y = official_merge(w, H, W, M, s)
+        assert torch.equal(merge_windows(w, (H, W), M, s), y)
         assert torch.equal(tokens_from_windows(w, layout), y)
 
 
