@@ -199,6 +199,11 @@ class PatchMerging(nn.Module):
         return F.linear(x, self.reduction.weight[:, order]), (Ho, Wo)
 
 
+def _fold_mask(bias: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``(h, N, N)`` bias plus an ``(nW, N, N)`` shift mask: ``(nW, h, N, N)`` (the bias if None)."""
+    return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+
+
 class WindowMSA(nn.Module):
     """Multi-head self-attention inside windows with a relative position bias.
 
@@ -224,27 +229,32 @@ class WindowMSA(nn.Module):
     def attention_bias(self, mask: Optional[Tensor]) -> Tensor:
         """Relative position bias with the shift mask folded in: ``(h, N, N)`` or ``(nW, h, N, N)``.
 
-        Without autograd (eval, no_grad) the result is cached until the table changes.
+        Without autograd (eval, no_grad) the result is cached until the table changes. On CUDA
+        only the ``(h, N, N)`` bias is cached and the mask is folded in at every forward: the
+        per-window biases of all blocks (26 MiB for Swin-T at 512x512) would outlast the forward
+        and raise peak memory above mmdet's, for the price of one small kernel per block.
         """
         table = self.relative_position_bias_table
         if torch.compiler.is_compiling():  # traced plainly; the cache is never read (no guards on it)
-            return self._bias(mask)
+            return _fold_mask(self._relative_bias(), mask)
+        fold_late = table.is_cuda
         caching = not (torch.is_grad_enabled() and table.requires_grad)
-        key = (table._version, table.data_ptr(), table.dtype, None if mask is None else id(mask))
-        if caching and key in self._bias_cache:
-            return self._bias_cache[key]
-        bias = self._bias(mask)
-        if caching:
-            if len(self._bias_cache) > 8:
+        cached_mask = None if fold_late else mask
+        key = (table._version, table.data_ptr(), table.dtype,
+               None if cached_mask is None else id(cached_mask))
+        bias = self._bias_cache.get(key) if caching else None
+        if bias is None:
+            bias = _fold_mask(self._relative_bias(), cached_mask)
+            if caching:
+                if len(self._bias_cache) > 8:
+                    self._bias_cache.clear()
+                self._bias_cache[key] = bias
+            elif self._bias_cache:
                 self._bias_cache.clear()
-            self._bias_cache[key] = bias
-        elif self._bias_cache:
-            self._bias_cache.clear()
-        return bias
+        return _fold_mask(bias, mask) if fold_late else bias
 
-    def _bias(self, mask: Optional[Tensor]) -> Tensor:
-        bias = relative_position_bias(self.relative_position_bias_table, self.window_size)
-        return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+    def _relative_bias(self) -> Tensor:
+        return relative_position_bias(self.relative_position_bias_table, self.window_size)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
         bias = self.attention_bias(mask)

@@ -559,15 +559,17 @@ def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tens
     Used for attention dropout; on CUDA, where the fused kernels take the bias (with its
     gradient) and never materialise the probabilities; and under torch.compile (differentiable
     without a custom autograd function, which dynamo does not trace with symbolic sizes). The
-    bias broadcasts, never expanded over the batch: ``(1, h, N, N)`` over ``B * nW`` windows,
-    or, per window, ``(1, nW * h, N, N)`` with the batch viewed as ``(B, nW * h)``. Returns
+    bias broadcasts, never expanded over the batch: ``(1, h, N, N)`` over ``B * nW`` windows;
+    per window, ``(nW, h, N, N)`` as it is for one image, or ``(1, nW * h, N, N)`` with a
+    batch of several viewed as ``(B, nW * h)`` (which takes a copy of ``qkv``). Returns
     ``(B * nW, N, C)``.
     """
     BW, N, C3 = qkv.shape
-    if bias.dim() == 3:
+    if bias.dim() == 3 or BW == num_windows:
         q, k, v = _split_heads(qkv, num_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0),
-                                             dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.unsqueeze(0) if bias.dim() == 3 else bias,
+            dropout_p=dropout_p, scale=scale)
         return _merge_heads(out)
     B, d = BW // num_windows, C3 // (3 * num_heads)
     qkv = qkv.view(B, num_windows, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)

@@ -65,11 +65,12 @@ def grads(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None = N
                                 if p.grad is not None}}
 
 
+@pytest.mark.parametrize('batch', [1, 2])  # one image: the per-window bias without a copy
 @pytest.mark.parametrize('size', [(224, 224), (511, 511), (112, 137), (800, 1333), (7, 7),
                                   (1, 1)])
-def test_fp32_outputs_equal_mmdet(pair, size):
+def test_fp32_outputs_equal_mmdet(pair, size, batch):
     peer, ours = pair
-    x = image(2, size, seed=0)
+    x = image(batch, size, seed=0)
     with torch.no_grad():
         expected, got = peer(x), ours(x)
     for e, g in zip(expected, got, strict=True):
@@ -77,10 +78,10 @@ def test_fp32_outputs_equal_mmdet(pair, size):
         assert (e - g).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize('drop_path_rate', [0.0, 0.2])
-def test_fp32_train_gradients_equal_mmdet(tmp_path, drop_path_rate):
+@pytest.mark.parametrize('drop_path_rate,batch', [(0.0, 1), (0.0, 2), (0.2, 2)])
+def test_fp32_train_gradients_equal_mmdet(tmp_path, drop_path_rate, batch):
     peer, ours = cuda_pair(tmp_path, drop_path_rate=drop_path_rate)
-    x = image(2, (112, 137), seed=3)
+    x = image(batch, (112, 137), seed=3)
     expected, got = grads(peer, x), grads(ours, x)
     assert expected.keys() == got.keys() and len(got) > 100
     for name, e in expected.items():
@@ -140,3 +141,28 @@ def test_half_model_runs_and_stays_close(pair):
     for g, r in zip(got, ref, strict=True):
         assert g.dtype == torch.float16 and torch.isfinite(g).all()
         assert rel(g, r) <= 1e-2
+
+
+@pytest.mark.parametrize('dtype', [None, torch.float16], ids=['fp32', 'fp16'])
+def test_inference_peak_memory_not_above_mmdet(tmp_path, dtype):
+    """Peak GPU memory of an inference at 512x512: ours attends without the probabilities and
+    keeps no per-window bias between forwards. Both first run a small image, so that neither
+    pays for what the process allocates once (the cuBLAS workspace)."""
+    peer, ours = cuda_pair(tmp_path)
+    x = image(1, (512, 512), seed=6)
+    peaks = {}
+    for name, model in (('mmdet', peer), ('ours', ours)):
+        with torch.no_grad(), torch.autocast('cuda', dtype=dtype or torch.float32,
+                                             enabled=dtype is not None):
+            model(image(1, (64, 64), seed=7))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad(), torch.autocast('cuda', dtype=dtype or torch.float32,
+                                             enabled=dtype is not None):
+            model(x)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    print(f'\n{dtype}: inference peak MiB, ours {peaks["ours"] / 2**20:.1f}, '
+          f'mmdet {peaks["mmdet"] / 2**20:.1f}')
+    assert peaks['ours'] <= peaks['mmdet'], peaks

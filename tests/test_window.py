@@ -238,11 +238,12 @@ def test_masked_probabilities_are_exact_zeros():
     assert torch.equal(probs[ref >= PROB_FLOOR], ref[ref >= PROB_FLOOR])
 
 
+@pytest.mark.parametrize('B', [1, 2])
 @pytest.mark.parametrize('per_window', [False, True])
-def test_sdpa_path_equals_formula(per_window):
+def test_sdpa_path_equals_formula(per_window, B):
     from swin_dense.window import _sdpa_window_attention
     torch.manual_seed(0)
-    B, nW, N, h, d = 2, 3, 49, 3, 8
+    nW, N, h, d = 3, 49, 3, 8
     qkv = torch.randn(B * nW, N, 3 * h * d)
     bias = torch.randn(*((nW,) if per_window else ()), h, N, N)
     torch.testing.assert_close(_sdpa_window_attention(qkv, h, d ** -0.5, bias, nW, 0.0),
