@@ -368,11 +368,18 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
 
 
 def _window_chunks(num_rows: int, num_windows: int, step: int):
-    """``(rows, windows)`` slices: ``step`` windows at a time, never across two images.
+    """``(rows, windows)`` slices: about ``step`` windows at a time.
 
     ``rows`` indexes the ``B * nW`` windows of the batch, ``windows`` the same windows within
-    their image (the rows of a per-window bias).
+    their image (the rows of a per-window bias). A chunk is either a run of one image's
+    windows or, where an image has no more than ``step``, whole images (``windows`` is then
+    all of them), so that small late-stage maps still make GEMMs of many rows.
     """
+    if step >= num_windows:
+        images = step // num_windows * num_windows
+        for start in range(0, num_rows, images):
+            yield slice(start, min(start + images, num_rows)), slice(0, num_windows)
+        return
     for start in range(0, num_rows, num_windows):
         for w in range(0, num_windows, step):
             end = min(w + step, num_windows)
@@ -406,11 +413,19 @@ def _chunk_attended(qkv: Tensor, bias: Tensor, num_heads: int, scale: float) -> 
     chunk, 0.4x on windows where the shift mask puts exp(-100) denormals into the explicit
     softmax."""
     q, k, v = _split_heads(qkv, num_heads)
+    n, h, N, d = q.shape
     # SDPA falls back to its math path for a 3-d mask or one that requires grad (here nothing
     # is recorded: inference, or the forward of an autograd function with its own backward).
-    mask = bias.detach().reshape(-1, *bias.shape[-3:])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return _merge_heads(out).view(-1, qkv.shape[-1] // 3)
+    mask = bias.detach().reshape(-1, h, N, N)
+    # a per-window mask lines up with one image's windows: one call per image of the chunk
+    step = mask.shape[0] if mask.shape[0] > 1 else n
+    out = qkv.new_empty(n, N, h, d)
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        out[rows].copy_(F.scaled_dot_product_attention(q[rows], k[rows], v[rows],
+                                                       attn_mask=mask, scale=scale)
+                        .transpose(1, 2))
+    return out.view(-1, h * d)
 
 
 def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Tensor,
@@ -510,6 +525,8 @@ class _ChunkedWindowAttention(torch.autograd.Function):
             grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
             del attn, attended
             if need_bias and per_window:
+                if n > wins.stop - wins.start:  # whole images: sum over them
+                    grad_scores = grad_scores.view(-1, *bias.shape).sum(0)
                 sums.add_rows('bias', grad_scores, wins, bias.shape)
             elif need_bias:
                 sums.add('bias', grad_scores.sum(0))

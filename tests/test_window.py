@@ -185,7 +185,9 @@ def test_window_attention_gradients_equal_autograd(per_window):
         lambda a, b, w, c: window_attention(a, 1, 0.5, b, nW, w, c), small)
 
 
-@pytest.mark.parametrize('per_window, batch, chunk', [(True, 2, 2), (False, 2, 4), (True, 1, 99)])
+# chunks of part of an image, of one image, of several images (the last one shorter)
+@pytest.mark.parametrize('per_window, batch, chunk', [(True, 2, 2), (False, 2, 4), (True, 1, 99),
+                                                      (True, 3, 10), (False, 3, 12)])
 def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
     """qkv projection + attention + projection, chunked, against the formula under autograd."""
     torch.manual_seed(0)
@@ -211,15 +213,16 @@ def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
             x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk), ref)
 
 
+@pytest.mark.parametrize('batch', [1, 2])
 @pytest.mark.parametrize('training', [False, True])
-def test_cpu_forward_attends_in_the_fused_kernel(training):
+def test_cpu_forward_attends_in_the_fused_kernel(training, batch):
     """On CPU in fp32 the forward attends in SDPA's fused kernel, never in its math fallback
     (which a 3-d mask, or one that requires grad, selects: slower than explicit attention)."""
     from swin_dense import SwinBackbone
     model = SwinBackbone(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     model.train(training)
     with torch.profiler.profile() as prof, torch.set_grad_enabled(training):
-        model(torch.randn(1, 3, 64, 96))
+        model(torch.randn(batch, 3, 64, 96))
     ops = {e.key for e in prof.key_averages()}
     assert 'aten::_scaled_dot_product_flash_attention_for_cpu' in ops
     assert 'aten::_scaled_dot_product_attention_math' not in ops
