@@ -149,28 +149,31 @@ def time_in_process(args: argparse.Namespace, case: str, mode: str,
     return time_interleaved(runs, args.repeats, args.device)
 
 
+def run_child(child_args: list[str], arch: str, device: str, amp: str | None,
+              env: dict[str, str] | None = None) -> str:
+    """Run this script in a fresh process with ``child_args``; return its last line of output."""
+    cmd = [sys.executable, __file__, *child_args, '--arch', arch, '--device', device,
+           '--threads', str(torch.get_num_threads())]
+    if amp:
+        cmd += ['--amp', amp]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return out.strip().splitlines()[-1]
+
+
 def time_case_child(args: argparse.Namespace, case: str, mode: str) -> dict[str, float]:
     """Median seconds of each impl for one case and mode, timed in a fresh process."""
-    cmd = [sys.executable, __file__, '--time-child', case, mode, '--repeats', str(args.repeats),
-           '--arch', args.arch, '--device', args.device, '--threads', str(torch.get_num_threads())]
-    if args.amp:
-        cmd += ['--amp', args.amp]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(run_child(['--time-child', case, mode, '--repeats', str(args.repeats)],
+                                args.arch, args.device, args.amp))
 
 
 def peak_memory_child(impl: str, arch: str, device: str, mode: str, batch: int, h: int, w: int,
                       amp: str | None) -> float:
     """Run one step in a fresh process; return its peak memory growth in MiB."""
-    cmd = [sys.executable, __file__, '--child', impl, mode, str(batch), str(h), str(w),
-           '--arch', arch, '--device', device, '--threads', str(torch.get_num_threads())]
-    if amp:
-        cmd += ['--amp', amp]
     # A fixed mmap threshold makes every tensor of 64 KiB or more its own mapping, returned to
     # the OS when freed, so RSS follows live memory instead of glibc's retained heap.
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return float(out.strip().splitlines()[-1])
+    return float(run_child(['--child', impl, mode, str(batch), str(h), str(w)], arch, device,
+                           amp, env))
 
 
 def time_child(args: argparse.Namespace) -> None:
