@@ -150,17 +150,19 @@ def test_inference_peak_memory_not_above_mmdet(tmp_path, dtype):
     pays for what the process allocates once (the cuBLAS workspace)."""
     peer, ours = cuda_pair(tmp_path)
     x = image(1, (512, 512), seed=6)
-    peaks = {}
-    for name, model in (('mmdet', peer), ('ours', ours)):
+
+    def infer(model: torch.nn.Module, inputs: torch.Tensor) -> None:
         with torch.no_grad(), torch.autocast('cuda', dtype=dtype or torch.float32,
                                              enabled=dtype is not None):
-            model(image(1, (64, 64), seed=7))
+            model(inputs)
+
+    peaks = {}
+    for name, model in (('mmdet', peer), ('ours', ours)):
+        infer(model, image(1, (64, 64), seed=7))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        with torch.no_grad(), torch.autocast('cuda', dtype=dtype or torch.float32,
-                                             enabled=dtype is not None):
-            model(x)
+        infer(model, x)
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - base
     print(f'\n{dtype}: inference peak MiB, ours {peaks["ours"] / 2**20:.1f}, '
