@@ -287,7 +287,8 @@ def _attention_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_out:
 class _WindowAttention(torch.autograd.Function):
     """Window attention and output projection, recomputing the attention in backward.
 
-    Nothing but ``qkv`` is kept for backward: the ``(B*nW, h, N, N)`` probabilities (h*N values
+    For CPU training outside the chunked fp32 path (autocast, float64); the forward attends in
+    the fused kernel (:func:`_attended`). Nothing but ``qkv`` is kept for backward: the ``(B*nW, h, N, N)`` probabilities (h*N values
     per token, more than the C channels) and the projection's input are recomputed from it.
     Gradients are those of the plain formula; the bias gradient is summed over the batch.
     Works on 2-d token rows so that its output is no view (callers add residuals in place).
@@ -296,12 +297,10 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, bias: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor],
                 num_heads: int, scale: float, num_windows: int) -> Tensor:
-        q, k, v = _split_heads(qkv, num_heads)
-        out = _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
+        out = _attended(qkv, bias, num_heads, scale)
         ctx.save_for_backward(qkv, bias, proj_weight)
         ctx.args = (num_heads, scale, num_windows, proj_bias is not None)
         # Under autocast the projection runs in the dtype of qkv, as F.linear would.
-        out = out.view(-1, out.shape[-1])
         weight = proj_weight.to(out.dtype)
         if proj_bias is None:
             return out.mm(weight.t())
@@ -362,9 +361,8 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
         out = _WindowAttention.apply(qkv, bias, proj_weight, proj_bias, num_heads, scale,
                                      num_windows)
         return out.view(BW, N, -1)
-    q, k, v = _split_heads(qkv, num_heads)
-    out = _merge_heads(torch.matmul(_attention_probs(q, k, bias, scale, num_windows), v))
-    return F.linear(out, proj_weight, proj_bias)
+    return F.linear(_attended(qkv, bias, num_heads, scale).view(BW, N, -1), proj_weight,
+                    proj_bias)
 
 
 def _window_chunks(num_rows: int, num_windows: int, step: int):
@@ -405,20 +403,20 @@ def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
     return q, k, v, attn, out.view(-1, out.shape[-1])
 
 
-def _chunk_attended(qkv: Tensor, bias: Tensor, num_heads: int, scale: float) -> Tensor:
-    """The attended values ``(n*N, C)`` of a chunk of windows ``(n, N, 3C)``, for forwards
-    that keep no probabilities (inference; training, whose backward recomputes them with
-    :func:`_chunk_attention`). PyTorch's fused CPU attention kernel (online softmax, no
-    probabilities in memory) takes 0.7x the time of the explicit product and softmax on a
-    chunk, 0.4x on windows where the shift mask puts exp(-100) denormals into the explicit
-    softmax."""
+def _attended(qkv: Tensor, bias: Tensor, num_heads: int, scale: float) -> Tensor:
+    """The attended values ``(n*N, C)`` of windows ``(n, N, 3C)`` (a chunk, or a whole batch),
+    for forwards that keep no probabilities: inference, and training, whose backward recomputes
+    them. In PyTorch's fused CPU attention kernel (online softmax, no probabilities in memory,
+    fp32 accumulation in every dtype): in fp32 0.7x the time of the explicit product and
+    softmax on a chunk, 0.4x on windows where the shift mask puts exp(-100) denormals into the
+    explicit softmax; under bf16 autocast Swin-T inference takes 0.8-0.9x the time."""
     q, k, v = _split_heads(qkv, num_heads)
     n, h, N, d = q.shape
     # SDPA falls back to its math path for a 3-d mask or one that requires grad (here nothing
     # is recorded: inference, or the forward of an autograd function with its own backward).
     mask = bias.detach().reshape(-1, h, N, N)
-    # a per-window mask lines up with one image's windows: one call per image of the chunk
-    step = mask.shape[0] if mask.shape[0] > 1 else n
+    # a per-window mask lines up with one image's windows: one call per image
+    step = mask.shape[0] if mask.shape[0] > 1 else max(n, 1)
     out = qkv.new_empty(n, N, h, d)
     for i in range(0, n, step):
         rows = slice(i, i + step)
@@ -442,8 +440,8 @@ def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], 
             chunk_qkv = qkv[rows]
             _linear_into(chunk_qkv.view(-1, qkv.shape[-1]), x[rows].view(-1, C), qkv_weight,
                          qkv_bias)
-        attended = _chunk_attended(chunk_qkv, bias[wins] if bias.dim() == 4 else bias,
-                                   num_heads, scale)
+        attended = _attended(chunk_qkv, bias[wins] if bias.dim() == 4 else bias, num_heads,
+                             scale)
         _linear_into(out[rows].view(-1, out.shape[-1]), attended, proj_weight, proj_bias)
     return out
 

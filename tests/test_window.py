@@ -176,6 +176,9 @@ def test_window_attention_gradients_equal_autograd(per_window):
         results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the inference branch (fused kernel, nothing saved): the same numbers
+        torch.testing.assert_close(window_attention(qkv, h, d ** -0.5, bias, nW, weight, proj_bias),
+                                   results[1][0], rtol=1e-10, atol=1e-12)
     # Finite differences on a tiny case, independent of any autograd formula.
     small = (qkv[:nW, :4, :6].detach().clone().requires_grad_(),
              bias[..., :1, :4, :4].detach().clone().requires_grad_(),
@@ -213,16 +216,20 @@ def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
             x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk), ref)
 
 
+@pytest.mark.parametrize('autocast', [None, torch.bfloat16], ids=['fp32', 'bf16'])
 @pytest.mark.parametrize('batch', [1, 2])
 @pytest.mark.parametrize('training', [False, True])
-def test_cpu_forward_attends_in_the_fused_kernel(training, batch):
-    """On CPU in fp32 the forward attends in SDPA's fused kernel, never in its math fallback
-    (which a 3-d mask, or one that requires grad, selects: slower than explicit attention)."""
+def test_cpu_forward_attends_in_the_fused_kernel(training, batch, autocast):
+    """On CPU the forward attends in SDPA's fused kernel, never in its math fallback (which a
+    3-d mask, or one that requires grad, selects: slower than explicit attention): in fp32
+    (the chunked path) and under autocast (the whole-batch path)."""
     from swin_dense import SwinBackbone
     model = SwinBackbone(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     model.train(training)
-    with torch.profiler.profile() as prof, torch.set_grad_enabled(training):
-        model(torch.randn(batch, 3, 64, 96))
+    with torch.profiler.profile() as prof, torch.set_grad_enabled(training), \
+            torch.autocast('cpu', dtype=autocast or torch.float32, enabled=autocast is not None):
+        out = model(torch.randn(batch, 3, 64, 96))
+    assert out[0].dtype == (autocast or torch.float32)
     ops = {e.key for e in prof.key_averages()}
     assert 'aten::_scaled_dot_product_flash_attention_for_cpu' in ops
     assert 'aten::_scaled_dot_product_attention_math' not in ops
