@@ -229,10 +229,12 @@ class WindowMSA(nn.Module):
     def attention_bias(self, mask: Optional[Tensor]) -> Tensor:
         """Relative position bias with the shift mask folded in: ``(h, N, N)`` or ``(nW, h, N, N)``.
 
-        Without autograd (eval, no_grad) the result is cached until the table changes. On CUDA
-        only the ``(h, N, N)`` bias is cached and the mask is folded in at every forward: the
-        per-window biases of all blocks (26 MiB for Swin-T at 512x512) would outlast the forward
-        and raise peak memory above mmdet's, for the price of one small kernel per block.
+        Without autograd (eval, no_grad) the result is cached until the table changes, on the
+        CPU in the dtype the attention runs in (bf16 under bf16 autocast: half the memory, no
+        cast per forward). On CUDA only the ``(h, N, N)`` bias is cached and the mask is folded
+        in at every forward: the per-window biases of all blocks (26 MiB for Swin-T at 512x512)
+        would outlast the forward and raise peak memory above mmdet's, for the price of one
+        small kernel per block.
         """
         table = self.relative_position_bias_table
         if torch.compiler.is_compiling():  # traced plainly; the cache is never read (no guards on it)
@@ -240,11 +242,15 @@ class WindowMSA(nn.Module):
         fold_late = table.is_cuda
         caching = not (torch.is_grad_enabled() and table.requires_grad)
         cached_mask = None if fold_late else mask
-        key = (table._version, table.data_ptr(), table.dtype,
+        dtype = table.dtype
+        if table.device.type == 'cpu' and dtype == torch.float32 and torch.is_autocast_enabled('cpu'):
+            dtype = torch.get_autocast_dtype('cpu')
+        key = (table._version, table.data_ptr(), table.dtype, dtype,
                None if cached_mask is None else id(cached_mask))
         bias = self._bias_cache.get(key) if caching else None
         if bias is None:
-            bias = _fold_mask(self._relative_bias(), cached_mask)
+            # folded in the table's dtype, then cast, as the attention would cast it
+            bias = _fold_mask(self._relative_bias(), cached_mask).to(dtype)
             if caching:
                 if len(self._bias_cache) > 8:
                     self._bias_cache.clear()

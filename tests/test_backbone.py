@@ -261,6 +261,32 @@ def test_tokens_to_nchw_in_blocks_equals_permute(monkeypatch):
     assert torch.autograd.gradcheck(lambda t: layers.tokens_to_nchw(t, (5, 7)), (x,))
 
 
+@pytest.mark.parametrize('autocast', [None, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_eval_bias_cache_follows_the_table(autocast):
+    """The relative bias cached across eval forwards: the same outputs as the uncached path
+    (grad enabled), in the dtype the attention runs in, and rebuilt when the table changes."""
+    model = small().eval()
+    x = torch.randn(1, 3, 75, 101)
+    ctx = dict(device_type='cpu', dtype=autocast or torch.float32, enabled=autocast is not None)
+
+    def forward(grad):
+        with torch.set_grad_enabled(grad), torch.autocast(**ctx):
+            return [o.detach() for o in model(x)]
+
+    uncached = forward(True)
+    cached, again = forward(False), forward(False)  # fills the cache, reads it
+    for a, b, c in zip(cached, again, uncached):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    w_msa = model.stages[0].blocks[1].attn.w_msa  # an SW-MSA block: the mask is folded in
+    assert {t.dtype for t in w_msa._bias_cache.values()} == {autocast or torch.float32}
+    with torch.no_grad():  # in place, as load_state_dict does
+        w_msa.relative_position_bias_table.normal_()
+    changed = forward(False)
+    assert not torch.equal(changed[0], cached[0])
+    for a, c in zip(changed, forward(True)):
+        assert torch.equal(a, c)
+
+
 @pytest.mark.parametrize('hw', [(9, 13), (14, 14), (3, 5)])
 @pytest.mark.parametrize('shift', [False, True])
 def test_traced_window_path_equals_the_cached_gathers(hw, shift):
