@@ -30,10 +30,10 @@ from torch import Tensor
 #: -100 rather than -inf: finite in fp16 (the official value, kept for identical outputs).
 MASK_VALUE = -100.0
 
-#: Attention probabilities below this are set to 0. A masked pair gets exp(-100) ~ 4e-44, a
-#: denormal in fp32 (0 in fp16/bf16); denormal GEMM inputs run about 60x slower on x86 CPUs, which
-#: made the attention of the boundary windows of every SW-MSA block cost more than all the others.
-#: Dropping values this small changes no output digit.
+#: fp32 attention probabilities below this are set to 0. A masked pair gets exp(-100) ~ 4e-44, a
+#: denormal in fp32 (0 in fp16/bf16, a normal number in fp64); denormal GEMM inputs run about 60x
+#: slower on x86 CPUs, which made the attention of the boundary windows of every SW-MSA block cost
+#: more than all the others. Dropping values this small changes no output digit.
 PROB_FLOOR = 1e-30
 
 
@@ -245,7 +245,8 @@ def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windo
     """``softmax(q k^T * scale + bias)``, ``(B*nW, h, N, N)``.
 
     The scale is applied inside the GEMM (``alpha``), so fp16 logits never exist unscaled, and
-    the bias is added in place. Probabilities below :data:`PROB_FLOOR` become 0.
+    the bias is added in place. In fp32, probabilities below :data:`PROB_FLOOR` become 0 (the
+    other dtypes have no denormals to avoid there: a pass fewer, 3% of a bf16 train step).
     """
     BW, h, N, d = q.shape
     attn = q.new_empty(BW * h, N, N)
@@ -256,7 +257,8 @@ def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windo
         attn.view(-1, num_windows, *attn.shape[1:]).add_(bias)
     else:
         attn.add_(bias)
-    return F.threshold_(attn.softmax(dim=-1), PROB_FLOOR, 0.0)
+    attn = attn.softmax(dim=-1)
+    return F.threshold_(attn, PROB_FLOOR, 0.0) if attn.dtype == torch.float32 else attn
 
 
 def _merge_heads(x: Tensor) -> Tensor:
