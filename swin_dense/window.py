@@ -154,7 +154,8 @@ def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
     build = (relative_position_index.__wrapped__ if torch.compiler.is_compiling()
              else relative_position_index)
     index = build(window_size, table.device)
-    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+    # index_select: its backward is an index_add, 1.5-4x faster than indexing's scatter-add
+    return table.index_select(0, index.view(-1)).view(N, N, -1).permute(2, 0, 1).contiguous()
 
 
 def _gather_tokens(x: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
