@@ -250,7 +250,8 @@ class WindowMSA(nn.Module):
         caching = not (torch.is_grad_enabled() and table.requires_grad)
         cached_mask = None if fold_late else mask
         dtype = table.dtype
-        if table.device.type == 'cpu' and dtype == torch.float32 and torch.is_autocast_enabled('cpu'):
+        if (table.device.type == 'cpu' and dtype == torch.float32
+                and torch.is_autocast_enabled('cpu')):
             dtype = torch.get_autocast_dtype('cpu')
         key = (table._version, table.data_ptr(), table.dtype, dtype,
                None if cached_mask is None else id(cached_mask))

@@ -291,8 +291,9 @@ class _WindowAttention(torch.autograd.Function):
     """Window attention and output projection, recomputing the attention in backward.
 
     For CPU training outside the chunked fp32 path (autocast, float64); the forward attends in
-    the fused kernel (:func:`_attended`). Nothing but ``qkv`` is kept for backward: the ``(B*nW, h, N, N)`` probabilities (h*N values
-    per token, more than the C channels) and the projection's input are recomputed from it.
+    the fused kernel (:func:`_attended`). Nothing but ``qkv`` is kept for backward: the
+    ``(B*nW, h, N, N)`` probabilities (h*N values per token, more than the C channels) and the
+    projection's input are recomputed from it.
     Gradients are those of the plain formula; the bias gradient is summed over the batch.
     Works on 2-d token rows so that its output is no view (callers add residuals in place).
     """

@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings('ignore')
     device = args.device
     models = {impl: build(impl, args.arch, device) for impl in IMPLS}
-    # Under autocast the matmuls run in its dtype: on CPUs with AMX, bf16 GEMMs are 2-3x fp32's.
+    # Under autocast the matmuls run in its dtype (on CPUs with AMX bf16 GEMMs are several
+    # times faster than fp32 ones), so %GEMM is against that dtype's rate.
     gemm_dtype = AMP_DTYPES.get(args.amp or '', torch.float32)
     gemm = gemm_gflops(device, gemm_dtype)
     results = dict(
