@@ -280,20 +280,28 @@ class WindowMSA(nn.Module):
         return relative_position_bias(self.relative_position_bias_table, self.window_size)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
-        bias = self.attention_bias(mask)
         attn_drop = self.attn_drop_rate if self.training else 0.0
-        if attn_drop == 0.0 and _cpu_fp32(x):
-            x = self._chunked(x, bias, num_windows)
+        chunked = attn_drop == 0.0 and _cpu_fp32(x)
+        if (chunked and torch.is_grad_enabled()
+                and self.relative_position_bias_table.requires_grad):
+            # training: the chunks fold the mask in (no map-sized per-window bias is built and
+            # kept for backward: 5% of the peak at 512x512)
+            self._bias_cache.clear()  # what eval cached is stale once the table trains
+            x = self._chunked(x, self._relative_bias(), num_windows, mask)
+        elif chunked:
+            x = self._chunked(x, self.attention_bias(mask), num_windows)
         elif attn_drop == 0.0 and _cpu_autocast_inference(x):
-            dtype = torch.get_autocast_dtype('cpu')
+            dtype, bias = torch.get_autocast_dtype('cpu'), self.attention_bias(mask)
             with torch.autocast('cpu', enabled=False):  # cast here once, as autocast would
                 x = self._chunked(x.to(dtype), bias.to(dtype), num_windows)
         else:
-            x = window_attention(self.qkv(x), self.num_heads, self.scale, bias, num_windows,
-                                 self.proj.weight, self.proj.bias, attn_drop)
+            x = window_attention(self.qkv(x), self.num_heads, self.scale,
+                                 self.attention_bias(mask), num_windows, self.proj.weight,
+                                 self.proj.bias, attn_drop)
         return self.proj_drop(x)
 
-    def _chunked(self, x: Tensor, bias: Tensor, num_windows: int) -> Tensor:
+    def _chunked(self, x: Tensor, bias: Tensor, num_windows: int,
+                 mask: Optional[Tensor] = None) -> Tensor:
         """:func:`chunked_window_attention` with the parameters in the dtype of ``x``."""
         N, C = x.shape[1:]
         step = _chunk_rows(N * (3 * C + self.num_heads * N), N)
@@ -301,7 +309,7 @@ class WindowMSA(nn.Module):
         return chunked_window_attention(
             x, qkv.weight.to(x.dtype), None if qkv.bias is None else qkv.bias.to(x.dtype), bias,
             proj.weight.to(x.dtype), proj.bias.to(x.dtype), self.num_heads, self.scale,
-            num_windows, step)
+            num_windows, step, mask)
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cached bias
         self._bias_cache = {}

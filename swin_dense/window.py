@@ -390,6 +390,15 @@ def _window_chunks(num_rows: int, num_windows: int, step: int):
             yield slice(start + w, start + end), slice(w, end)
 
 
+def _chunk_bias(bias: Tensor, mask: Optional[Tensor], wins: slice) -> Tensor:
+    """The attention bias of a chunk's windows ``wins``: the rows of a per-window bias
+    ``(nW, h, N, N)``, a shared ``(h, N, N)`` bias, or that bias plus the chunk's rows of an
+    ``(nW, N, N)`` shift mask (folded here, chunk by chunk, instead of once over the map)."""
+    if mask is not None:
+        return bias + mask[wins].unsqueeze(1)
+    return bias[wins] if bias.dim() == 4 else bias
+
+
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``out[:] = x @ weight^T + bias`` on 2-d views, without a temporary."""
     if bias is None:
@@ -434,7 +443,7 @@ def _attended(qkv: Tensor, bias: Tensor, num_heads: int, scale: float) -> Tensor
 
 def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Tensor,
                      proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int,
-                     scale: float, num_windows: int, step: int,
+                     scale: float, num_windows: int, step: int, mask: Optional[Tensor] = None,
                      qkv: Optional[Tensor] = None) -> Tensor:
     """Forward of :func:`chunked_window_attention`; fills ``qkv`` ``(B*nW, N, 3C)`` if given."""
     BW, N, C = x.shape
@@ -446,8 +455,7 @@ def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], 
             chunk_qkv = qkv[rows]
             _linear_into(chunk_qkv.view(-1, qkv.shape[-1]), x[rows].view(-1, C), qkv_weight,
                          qkv_bias)
-        attended = _attended(chunk_qkv, bias[wins] if bias.dim() == 4 else bias, num_heads,
-                             scale)
+        attended = _attended(chunk_qkv, _chunk_bias(bias, mask, wins), num_heads, scale)
         _linear_into(out[rows].view(-1, out.shape[-1]), attended, proj_weight, proj_bias)
     return out
 
@@ -498,11 +506,12 @@ class _ChunkedWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Tensor,
                 proj_weight: Tensor, proj_bias: Optional[Tensor], num_heads: int, scale: float,
-                num_windows: int, step: int) -> Tensor:
+                num_windows: int, step: int, mask: Optional[Tensor]) -> Tensor:
         qkv = x.new_empty(*x.shape[:2], qkv_weight.shape[0])
         out = _chunked_forward(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, num_heads,
-                               scale, num_windows, step, qkv)
+                               scale, num_windows, step, mask, qkv)
         ctx.save_for_backward(x, qkv, bias, qkv_weight, proj_weight)
+        ctx.mask = mask  # a cached layout tensor: nothing to save
         ctx.args = (num_heads, scale, num_windows, step, qkv_bias is not None,
                     proj_bias is not None)
         return out
@@ -520,7 +529,7 @@ class _ChunkedWindowAttention(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         for rows, wins in _window_chunks(BW, num_windows, step):
             q, k, v, attn, attended = _chunk_attention(
-                qkv[rows], bias[wins] if per_window else bias, num_heads, scale)
+                qkv[rows], _chunk_bias(bias, ctx.mask, wins), num_heads, scale)
             g = grad_y[rows].view(-1, grad_y.shape[-1])
             if need_proj_w:
                 sums.addmm('proj_w', g.t(), attended)
@@ -544,13 +553,13 @@ class _ChunkedWindowAttention(torch.autograd.Function):
         if has_proj_bias and need_proj_b:
             sums.add('proj_b', grad_y.view(-1, grad_y.shape[-1]).sum(0))
         return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),
-                sums.get('proj_w'), sums.get('proj_b'), None, None, None, None)
+                sums.get('proj_w'), sums.get('proj_b'), None, None, None, None, None)
 
 
 def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor],
                              bias: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor],
                              num_heads: int, scale: float, num_windows: int,
-                             chunk_windows: int) -> Tensor:
+                             chunk_windows: int, mask: Optional[Tensor] = None) -> Tensor:
     """qkv projection, window attention and output projection over chunks of windows (CPU).
 
     The same sums as ``window_attention(linear(x, qkv_weight, qkv_bias), ...)``, with
@@ -562,15 +571,22 @@ def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
         bias, proj_weight, proj_bias, num_heads, scale, num_windows: as in
             :func:`window_attention`.
         chunk_windows: windows per chunk.
+        mask: ``(nW, N, N)`` shift mask to add to an ``(h, N, N)`` bias chunk by chunk, or None.
+            For training: the folded ``(nW, h, N, N)`` bias (26 MiB over Swin-T's blocks at
+            512x512) is then neither built over the map nor kept for backward, and the bias
+            gradient is summed chunk by chunk.
 
     Returns:
         ``(B * nW, N, C)``.
     """
     x, bias = x.contiguous(), bias.to(x.dtype)
+    if mask is not None:
+        mask = mask.to(x.dtype)
     args = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return _ChunkedWindowAttention.apply(*args, num_heads, scale, num_windows, chunk_windows)
-    return _chunked_forward(*args, num_heads, scale, num_windows, chunk_windows)
+        return _ChunkedWindowAttention.apply(*args, num_heads, scale, num_windows, chunk_windows,
+                                             mask)
+    return _chunked_forward(*args, num_heads, scale, num_windows, chunk_windows, mask)
 
 
 def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,

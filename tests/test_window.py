@@ -189,23 +189,31 @@ def test_window_attention_gradients_equal_autograd(per_window):
 
 
 # chunks of part of an image, of one image, of several images (the last one shorter)
-@pytest.mark.parametrize('per_window, batch, chunk', [(True, 2, 2), (False, 2, 4), (True, 1, 99),
-                                                      (True, 3, 10), (False, 3, 12)])
-def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
-    """qkv projection + attention + projection, chunked, against the formula under autograd."""
+@pytest.mark.parametrize('bias_kind, batch, chunk', [
+    ('per_window', 2, 2), ('shared', 2, 4), ('per_window', 1, 99), ('per_window', 3, 10),
+    ('shared', 3, 12), ('mask', 2, 2), ('mask', 3, 10), ('mask', 1, 99)])
+def test_chunked_window_attention_equals_autograd(bias_kind, batch, chunk):
+    """qkv projection + attention + projection, chunked, against the formula under autograd.
+    The bias: shared ``(h, N, N)``, per window ``(nW, h, N, N)``, or shared plus an ``(nW, N, N)``
+    mask that the chunks fold in (the training path: the bias gradient is summed per chunk)."""
     torch.manual_seed(0)
     nW, N, h, d = 5, 16, 2, 4
     C = h * d
     f64 = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(batch * nW, N, C, **f64)
     qkv_weight, qkv_bias = torch.randn(3 * C, C, **f64), torch.randn(3 * C, **f64)
-    bias = torch.randn(*((nW,) if per_window else ()), h, N, N, **f64)
+    bias = torch.randn(*((nW,) if bias_kind == 'per_window' else ()), h, N, N, **f64)
+    mask = None
+    folded = bias
+    if bias_kind == 'mask':
+        mask = (torch.rand(nW, N, N) < 0.3).double() * MASK_VALUE
+        folded = bias + mask.unsqueeze(1)
     proj_weight, proj_bias = torch.randn(C, C, **f64), torch.randn(C, **f64)
     inputs = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
     grad_out = torch.randn(batch * nW, N, C, dtype=torch.float64)
     ours = chunked_window_attention(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h,
-                                    d ** -0.5, nW, chunk)
-    ref = F.linear(plain_attention(F.linear(x, qkv_weight, qkv_bias), h, d ** -0.5, bias, nW),
+                                    d ** -0.5, nW, chunk, mask)
+    ref = F.linear(plain_attention(F.linear(x, qkv_weight, qkv_bias), h, d ** -0.5, folded, nW),
                    proj_weight, proj_bias)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(ours, inputs, grad_out),
@@ -213,7 +221,8 @@ def test_chunked_window_attention_equals_autograd(per_window, batch, chunk):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # the inference branch (no saved qkv) gives the same numbers
         torch.testing.assert_close(chunked_window_attention(
-            x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk), ref)
+            x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk,
+            mask), ref)
 
 
 @pytest.mark.parametrize('batch', [1, 2])
