@@ -242,67 +242,54 @@ class WindowMSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop_rate)
         self._bias_cache: dict = {}
 
-    def attention_bias(self, mask: Optional[Tensor]) -> Tensor:
-        """Relative position bias with the shift mask folded in: ``(h, N, N)`` or ``(nW, h, N, N)``.
+    def relative_bias(self) -> Tensor:
+        """The relative position bias ``(h, N, N)``; the attention folds the shift mask in.
 
-        Without autograd (eval, no_grad) the result is cached until the table changes, on the
-        CPU in the dtype the attention runs in (bf16 under bf16 autocast: half the memory, no
-        cast per forward). On CUDA only the ``(h, N, N)`` bias is cached and the mask is folded
-        in at every forward: the per-window biases of all blocks (26 MiB for Swin-T at 512x512)
-        would outlast the forward and raise peak memory above mmdet's, for the price of one
-        small kernel per block.
+        Without autograd (eval, no_grad) it is cached until the table changes, on the CPU in the
+        dtype the attention runs in (bf16 under bf16 autocast). Folding the mask in here instead
+        made per-window biases ``(nW, h, N, N)`` (26 MiB over Swin-T's blocks at 512x512) that
+        stayed cached across eval forwards or were kept for backward: peak memory 5% (training)
+        to 30% (inference) higher, for no speed.
         """
         table = self.relative_position_bias_table
         if torch.compiler.is_compiling():  # traced plainly; the cache is never read (no guards on it)
-            return _fold_mask(self._relative_bias(), mask)
-        fold_late = table.is_cuda
-        caching = not (torch.is_grad_enabled() and table.requires_grad)
-        cached_mask = None if fold_late else mask
+            return self._relative_bias()
+        if torch.is_grad_enabled() and table.requires_grad:
+            self._bias_cache.clear()  # what eval cached is stale once the table trains
+            return self._relative_bias()
         dtype = table.dtype
         if (table.device.type == 'cpu' and dtype == torch.float32
                 and torch.is_autocast_enabled('cpu')):
             dtype = torch.get_autocast_dtype('cpu')
-        key = (table._version, table.data_ptr(), table.dtype, dtype,
-               None if cached_mask is None else id(cached_mask))
-        bias = self._bias_cache.get(key) if caching else None
+        key = (table._version, table.data_ptr(), table.dtype, dtype)
+        bias = self._bias_cache.get(key)
         if bias is None:
-            # folded in the table's dtype, then cast, as the attention would cast it
-            bias = _fold_mask(self._relative_bias(), cached_mask).to(dtype)
-            if caching:
-                if len(self._bias_cache) > 8:
-                    self._bias_cache.clear()
-                self._bias_cache[key] = bias
-            elif self._bias_cache:
+            if len(self._bias_cache) > 4:
                 self._bias_cache.clear()
-        return _fold_mask(bias, mask) if fold_late else bias
+            bias = self._bias_cache[key] = self._relative_bias().to(dtype)
+        return bias
 
     def _relative_bias(self) -> Tensor:
         return relative_position_bias(self.relative_position_bias_table, self.window_size)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, num_windows: int = 1) -> Tensor:
+        bias = self.relative_bias()
         attn_drop = self.attn_drop_rate if self.training else 0.0
-        chunked = attn_drop == 0.0 and _cpu_fp32(x)
-        if (chunked and torch.is_grad_enabled()
-                and self.relative_position_bias_table.requires_grad):
-            # training: the chunks fold the mask in (no map-sized per-window bias is built and
-            # kept for backward: 5% of the peak at 512x512)
-            self._bias_cache.clear()  # what eval cached is stale once the table trains
-            x = self._chunked(x, self._relative_bias(), num_windows, mask)
-        elif chunked:
-            x = self._chunked(x, self.attention_bias(mask), num_windows)
+        if attn_drop == 0.0 and _cpu_fp32(x):
+            x = self._chunked(x, bias, num_windows, mask)
         elif attn_drop == 0.0 and _cpu_autocast_inference(x):
-            dtype, bias = torch.get_autocast_dtype('cpu'), self.attention_bias(mask)
+            dtype = torch.get_autocast_dtype('cpu')
             with torch.autocast('cpu', enabled=False):  # cast here once, as autocast would
-                x = self._chunked(x.to(dtype), bias.to(dtype), num_windows)
+                x = self._chunked(x.to(dtype), bias.to(dtype), num_windows, mask)
         else:
-            x = window_attention(self.qkv(x), self.num_heads, self.scale,
-                                 self.attention_bias(mask), num_windows, self.proj.weight,
-                                 self.proj.bias, attn_drop)
+            x = window_attention(self.qkv(x), self.num_heads, self.scale, _fold_mask(bias, mask),
+                                 num_windows, self.proj.weight, self.proj.bias, attn_drop)
         return self.proj_drop(x)
 
-    def _chunked(self, x: Tensor, bias: Tensor, num_windows: int,
-                 mask: Optional[Tensor] = None) -> Tensor:
-        """:func:`chunked_window_attention` with the parameters in the dtype of ``x``."""
+    def _chunked(self, x: Tensor, bias: Tensor, num_windows: int, mask: Optional[Tensor]
+                 ) -> Tensor:
+        """:func:`chunked_window_attention` with the parameters in the dtype of ``x``; the
+        chunks fold the mask into the bias."""
         N, C = x.shape[1:]
         step = _chunk_rows(N * (3 * C + self.num_heads * N), N)
         qkv, proj = self.qkv, self.proj

@@ -571,10 +571,10 @@ def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
         bias, proj_weight, proj_bias, num_heads, scale, num_windows: as in
             :func:`window_attention`.
         chunk_windows: windows per chunk.
-        mask: ``(nW, N, N)`` shift mask to add to an ``(h, N, N)`` bias chunk by chunk, or None.
-            For training: the folded ``(nW, h, N, N)`` bias (26 MiB over Swin-T's blocks at
-            512x512) is then neither built over the map nor kept for backward, and the bias
-            gradient is summed chunk by chunk.
+        mask: ``(nW, N, N)`` shift mask that the chunks add to an ``(h, N, N)`` bias, or None:
+            no per-window bias ``(nW, h, N, N)`` is built over the map (26 MiB over Swin-T's
+            blocks at 512x512), cached or kept for backward; the bias gradient is summed chunk
+            by chunk.
 
     Returns:
         ``(B * nW, N, C)``.

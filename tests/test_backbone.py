@@ -266,7 +266,7 @@ def test_eval_bias_cache_follows_the_table(autocast):
     """The relative bias cached across eval forwards: the outputs of the path without it (grad
     enabled), in the dtype the attention runs in, and rebuilt when the table changes in place."""
     model = small().eval()
-    w_msa = model.stages[0].blocks[1].attn.w_msa  # an SW-MSA block: the mask is folded in
+    w_msa = model.stages[0].blocks[1].attn.w_msa  # an SW-MSA block (bias and mask)
     with torch.no_grad():  # an attention branch that counts beside the residual
         w_msa.proj.weight.mul_(30)
     x = torch.randn(1, 3, 75, 101)
