@@ -375,7 +375,7 @@ def _window_chunks(num_rows: int, num_windows: int, step: int):
     """``(rows, windows)`` slices: about ``step`` windows at a time.
 
     ``rows`` indexes the ``B * nW`` windows of the batch, ``windows`` the same windows within
-    their image (the rows of a per-window bias). A chunk is either a run of one image's
+    their image (the rows of the shift mask). A chunk is either a run of one image's
     windows or, where an image has no more than ``step``, whole images (``windows`` is then
     all of them), so that small late-stage maps still make GEMMs of many rows.
     """
@@ -391,12 +391,10 @@ def _window_chunks(num_rows: int, num_windows: int, step: int):
 
 
 def _chunk_bias(bias: Tensor, mask: Optional[Tensor], wins: slice) -> Tensor:
-    """The attention bias of a chunk's windows ``wins``: the rows of a per-window bias
-    ``(nW, h, N, N)``, a shared ``(h, N, N)`` bias, or that bias plus the chunk's rows of an
-    ``(nW, N, N)`` shift mask (folded here, chunk by chunk, instead of once over the map)."""
-    if mask is not None:
-        return bias + mask[wins].unsqueeze(1)
-    return bias[wins] if bias.dim() == 4 else bias
+    """The attention bias of a chunk's windows ``wins``: the shared ``(h, N, N)`` bias, plus
+    the chunk's rows of an ``(nW, N, N)`` shift mask if there is one (folded here, chunk by
+    chunk, instead of once over the map)."""
+    return bias if mask is None else bias + mask[wins].unsqueeze(1)
 
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -480,15 +478,6 @@ class ChunkGradients:
         else:
             self._sums[name] = a.mm(b)
 
-    def add_rows(self, name: str, term: Tensor, rows: slice, shape: torch.Size) -> None:
-        """Add a fresh ``term`` to ``rows`` of a sum of ``shape``."""
-        if name not in self._sums:
-            if term.shape == shape:
-                self._sums[name] = term
-                return
-            self._sums[name] = term.new_zeros(shape)
-        self._sums[name][rows] += term
-
     def get(self, name: str) -> Optional[Tensor]:
         """The sum, or None when nothing was added (the gradient is not needed)."""
         return self._sums.get(name)
@@ -523,7 +512,6 @@ class _ChunkedWindowAttention(torch.autograd.Function):
         need_x, need_qkv_w, need_qkv_b, need_bias, need_proj_w, need_proj_b = (
             ctx.needs_input_grad[:6])
         BW, N, C = x.shape
-        per_window = bias.dim() == 4
         grad_x = torch.empty_like(x) if need_x else None
         sums = ChunkGradients()
         grad_y = grad_y.contiguous()
@@ -537,11 +525,7 @@ class _ChunkedWindowAttention(torch.autograd.Function):
             grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2)
             grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
             del attn, attended
-            if need_bias and per_window:
-                if n > wins.stop - wins.start:  # whole images: sum over them
-                    grad_scores = grad_scores.view(-1, *bias.shape).sum(0)
-                sums.add_rows('bias', grad_scores, wins, bias.shape)
-            elif need_bias:
+            if need_bias:  # the bias is shared by all windows (and images) of the chunk
                 sums.add('bias', grad_scores.sum(0))
             grad_qkv = grad_qkv.view(-1, grad_qkv.shape[-1])
             if need_qkv_w:
@@ -568,17 +552,19 @@ def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
     Args:
         x: ``(B * nW, N, C)`` windows.
         qkv_weight, qkv_bias: the qkv projection ``(3C, C)``, ``(3C,)``.
-        bias, proj_weight, proj_bias, num_heads, scale, num_windows: as in
-            :func:`window_attention`.
+        bias: the relative position bias ``(h, N, N)``, shared by all windows.
+        proj_weight, proj_bias, num_heads, scale, num_windows: as in :func:`window_attention`.
         chunk_windows: windows per chunk.
-        mask: ``(nW, N, N)`` shift mask that the chunks add to an ``(h, N, N)`` bias, or None:
-            no per-window bias ``(nW, h, N, N)`` is built over the map (26 MiB over Swin-T's
-            blocks at 512x512), cached or kept for backward; the bias gradient is summed chunk
-            by chunk.
+        mask: ``(nW, N, N)`` shift mask that the chunks add to the bias, or None: no per-window
+            bias ``(nW, h, N, N)`` is built over the map (26 MiB over Swin-T's blocks at
+            512x512), cached or kept for backward; the bias gradient is summed chunk by chunk.
 
     Returns:
         ``(B * nW, N, C)``.
     """
+    if bias.dim() != 3:
+        raise ValueError(f'chunked_window_attention takes the shared (h, N, N) bias and the '
+                         f'shift mask apart (mask=...), got a bias of shape {tuple(bias.shape)}')
     x, bias = x.contiguous(), bias.to(x.dtype)
     if mask is not None:
         mask = mask.to(x.dtype)
