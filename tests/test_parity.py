@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from swin_dense import SwinBackbone
+from test_amp import rel
 
 mmdet_backbones = pytest.importorskip('mmdet.models.backbones')
 mmseg_backbones = pytest.importorskip('mmseg.models.backbones')
@@ -137,23 +138,20 @@ def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate):
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
 def test_autocast_error_equals_mmdet(tmp_path, dtype):
-    """Under CPU autocast, outputs and parameter gradients stray from each model's own fp32
-    results no further than mmdet's do: our low-precision paths (chunked inference, training
-    that keeps the probabilities) add no error of their own. (Measured: within 3% of mmdet's,
-    6e-3..1.2e-2 in bf16, 8e-4..1.5e-3 in fp16.)"""
+    """Under CPU autocast, outputs and gradients (input and parameters together) stray from each
+    model's own fp32 results no further than mmdet's do: our low-precision paths (chunked
+    inference, training that keeps the probabilities) add no error of their own. (Measured:
+    within 3% of mmdet's, 6e-3..1.2e-2 in bf16, 8e-4..1.5e-3 in fp16.)"""
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
                                drop_path_rate=0.0)
-    x = torch.randn(2, 3, 96, 137, generator=torch.Generator().manual_seed(5))
+    size = (96, 137)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
 
-    def rel(a, b):
-        return ((a.float() - b).norm() / b.norm()).item()
-
-    def grads(model, autocast):
-        model.zero_grad(set_to_none=True)
+    def gradients(model, autocast):
         with torch.autocast('cpu', dtype=dtype, enabled=autocast):
-            outs = model(x)
-        sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
-        return torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())])
+            grads = train_gradients(model, size, seed=5, with_parameters=True)
+        model.zero_grad(set_to_none=True)
+        return torch.cat([g.flatten() for g in grads])
 
     errors = {}
     for name, model in (('mmdet', peer), ('ours', ours)):
@@ -163,7 +161,7 @@ def test_autocast_error_equals_mmdet(tmp_path, dtype):
             with torch.autocast('cpu', dtype=dtype):
                 low = model(x)
         errors[name] = [*(rel(o, r) for o, r in zip(low, ref)),
-                        rel(grads(model, True), grads(model, False))]
+                        rel(gradients(model, True), gradients(model, False))]
     assert all(e > 0 for e in errors['mmdet'])  # it really ran in low precision
     for ours_error, peer_error in zip(errors['ours'], errors['mmdet']):
         assert ours_error <= 1.25 * peer_error, errors
