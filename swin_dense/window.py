@@ -36,6 +36,14 @@ MASK_VALUE = -100.0
 #: more than all the others. Dropping values this small changes no output digit.
 PROB_FLOOR = 1e-30
 
+#: Logits more than 80 below their row's maximum (masked pairs) are raised to that level before
+#: the softmax: exp() of anything below about -87 makes denormals, on which the CPU's exp takes
+#: 20-200x longer (a masked window's softmax 4-7x longer, in fp32 and in bf16/fp16, which
+#: compute it in fp32). exp(-80) is a normal number, also divided by a row sum of up to 49, and
+#: below PROB_FLOOR: in fp32 those probabilities still become 0 and every other one is unchanged
+#: to the bit; in bf16 such a probability stays below 1e-34, in fp16 it is 0 either way.
+LOGIT_FLOOR = -80.0
+
 
 @dataclass(frozen=True)
 class WindowLayout:
@@ -246,8 +254,10 @@ def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windo
     """``softmax(q k^T * scale + bias)``, ``(B*nW, h, N, N)``.
 
     The scale is applied inside the GEMM (``alpha``), so fp16 logits never exist unscaled, and
-    the bias is added in place. In fp32, probabilities below :data:`PROB_FLOOR` become 0 (the
-    other dtypes have no denormals to avoid there: a pass fewer, 3% of a bf16 train step).
+    the bias is added in place. With a shift mask folded into the bias, logits are first raised
+    to at least the row maximum + :data:`LOGIT_FLOOR` (no denormals inside the softmax). In fp32,
+    probabilities below :data:`PROB_FLOOR` become 0 (the other dtypes have no denormals to avoid
+    there: a pass fewer, 3% of a bf16 train step).
     """
     BW, h, N, d = q.shape
     attn = q.new_empty(BW * h, N, N)
@@ -258,6 +268,8 @@ def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windo
         attn.view(-1, num_windows, *attn.shape[1:]).add_(bias)
     else:
         attn.add_(bias)
+    if bias.dim() == 4 and attn.dtype != torch.float64:  # a shift mask is folded in
+        attn.clamp_min_(attn.amax(-1, keepdim=True) + LOGIT_FLOOR)
     attn = attn.softmax(dim=-1)
     return F.threshold_(attn, PROB_FLOOR, 0.0) if attn.dtype == torch.float32 else attn
 

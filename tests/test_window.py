@@ -265,6 +265,24 @@ def test_masked_probabilities_are_exact_zeros():
     assert torch.equal(probs[ref >= PROB_FLOOR], ref[ref >= PROB_FLOOR])
 
 
+@pytest.mark.parametrize('offset', [0.0, -300.0, 250.0])
+def test_masked_logits_keep_every_probability_above_the_floor(offset):
+    """Masked logits are raised before the softmax so that exp() makes no denormals; whatever
+    the rows' level, each probability above PROB_FLOOR equals a plain fp32 softmax's to the bit,
+    including masked pairs whose logit is still within reach of the row's maximum."""
+    N = 6
+    row = torch.tensor([0.0, -50.0, -68.0, -75.0, -85.0, -100.5]) + offset
+    logits = torch.stack([row.roll(i) for i in range(N)])  # (N, N), every column takes each value
+    bias = logits.view(1, 1, N, N)  # (nW, h, N, N): a per-window bias, as with a shift mask
+    q = k = torch.zeros(1, 1, N, 4)  # q k^T = 0: the logits are the bias
+    probs = _attention_probs(q, k, bias, 1.0, 1)[0, 0]
+    ref = logits.softmax(-1)
+    kept = ref >= PROB_FLOOR
+    assert kept.sum() == 3 * N  # 0, -50 and -68 below the row maximum (exp(-68) ~ 2.9e-30)
+    assert torch.equal(probs[kept], ref[kept])
+    assert (probs[~kept] == 0).all()
+
+
 @pytest.mark.parametrize('B', [1, 2])
 @pytest.mark.parametrize('per_window', [False, True])
 def test_sdpa_path_equals_formula(per_window, B):
