@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .window import (ChunkGradients, WindowLayout, chunked_window_attention, merge_windows,
-                     padded_size, partition_windows, relative_position_bias, shift_mask,
-                     tokens_from_windows, window_attention, window_layout, windows_from_tokens)
+from .window import (ChunkGradients, WindowLayout, chunked_window_attention, fold_mask,
+                     merge_windows, padded_size, partition_windows, relative_position_bias,
+                     shift_mask, tokens_from_windows, window_attention, window_layout,
+                     windows_from_tokens)
 
 #: On CPU (fp32) the attention and the MLP run over chunks of windows / tokens whose widest
 #: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values,
@@ -215,11 +216,6 @@ class PatchMerging(nn.Module):
         return F.linear(x, _concat_order(self.reduction.weight)), (Ho, Wo)
 
 
-def _fold_mask(bias: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """``(h, N, N)`` bias plus an ``(nW, N, N)`` shift mask: ``(nW, h, N, N)`` (the bias if None)."""
-    return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
-
-
 class WindowMSA(nn.Module):
     """Multi-head self-attention inside windows with a relative position bias.
 
@@ -282,7 +278,7 @@ class WindowMSA(nn.Module):
             with torch.autocast('cpu', enabled=False):  # cast here once, as autocast would
                 x = self._chunked(x.to(dtype), bias.to(dtype), num_windows, mask)
         else:
-            x = window_attention(self.qkv(x), self.num_heads, self.scale, _fold_mask(bias, mask),
+            x = window_attention(self.qkv(x), self.num_heads, self.scale, fold_mask(bias, mask),
                                  num_windows, self.proj.weight, self.proj.bias, attn_drop)
         return self.proj_drop(x)
 

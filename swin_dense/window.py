@@ -402,11 +402,11 @@ def _window_chunks(num_rows: int, num_windows: int, step: int):
             yield slice(start + w, start + end), slice(w, end)
 
 
-def _chunk_bias(bias: Tensor, mask: Optional[Tensor], wins: slice) -> Tensor:
-    """The attention bias of a chunk's windows ``wins``: the shared ``(h, N, N)`` bias, plus
-    the chunk's rows of an ``(nW, N, N)`` shift mask if there is one (folded here, chunk by
-    chunk, instead of once over the map)."""
-    return bias if mask is None else bias + mask[wins].unsqueeze(1)
+def fold_mask(bias: Tensor, mask: Optional[Tensor], windows: slice = slice(None)) -> Tensor:
+    """The attention bias of ``windows`` (all by default): the shared ``(h, N, N)`` bias, plus
+    those rows of an ``(nW, N, N)`` shift mask, ``(n, h, N, N)``; the bias alone if no mask.
+    The chunked CPU attention folds it chunk by chunk instead of once over the map."""
+    return bias if mask is None else bias + mask[windows].unsqueeze(1)
 
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -468,7 +468,7 @@ def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], 
             chunk_qkv = qkv[rows]
             _linear_into(chunk_qkv.view(-1, qkv.shape[-1]), x[rows].view(-1, C), qkv_weight,
                          qkv_bias)
-        attended = _attended(chunk_qkv, _chunk_bias(bias, mask, wins), num_heads, scale)
+        attended = _attended(chunk_qkv, fold_mask(bias, mask, wins), num_heads, scale)
         _linear_into(out[rows].view(-1, out.shape[-1]), attended, proj_weight, proj_bias)
     return out
 
@@ -532,7 +532,7 @@ class _ChunkedWindowAttention(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         for rows, wins in _window_chunks(BW, num_windows, step):
             q, k, v, attn, attended = _chunk_attention(
-                qkv[rows], _chunk_bias(bias, ctx.mask, wins), num_heads, scale)
+                qkv[rows], fold_mask(bias, ctx.mask, wins), num_heads, scale)
             g = grad_y[rows].view(-1, grad_y.shape[-1])
             if need_proj_w:
                 sums.addmm('proj_w', g.t(), attended)
