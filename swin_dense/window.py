@@ -287,16 +287,21 @@ def _attention_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_out:
     ``q, k, v, grad_out``: ``(B*nW, h, N, d)``; ``attn``: the probabilities. Returns the
     gradient of the qkv projection's output ``(B*nW, N, 3C)`` and that of the logits
     ``(B*nW, h, N, N)`` (which is also the bias gradient before any sum over windows).
+    Contiguous inputs (see :func:`_heads_major`) are used as they are; strided views of ``qkv``
+    are copied here, once each.
     """
     BW, h, N, d = q.shape
+    q, k, v, grad_out = (t.reshape(BW * h, N, d) for t in (q, k, v, grad_out))
+    attn = attn.view(BW * h, N, N)
     grads = q.new_empty(3, BW, h, N, d)  # dq, dk, dv
-    torch.matmul(attn.transpose(-2, -1), grad_out, out=grads[2])
+    dq, dk, dv = grads.view(3, BW * h, N, d).unbind(0)
+    torch.bmm(attn.transpose(1, 2), grad_out, out=dv)
     grad_scores = torch._softmax_backward_data(
-        torch.matmul(grad_out, v.transpose(-2, -1)), attn, -1, attn.dtype)
-    torch.matmul(grad_scores, k, out=grads[0])
-    torch.matmul(grad_scores.transpose(-2, -1), q, out=grads[1])
-    grads[:2].mul_(scale)
-    return grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * h * d), grad_scores
+        torch.bmm(grad_out, v.transpose(1, 2)), attn, -1, attn.dtype)
+    torch.baddbmm(dq, grad_scores, k, beta=0, alpha=scale, out=dq)
+    torch.baddbmm(dk, grad_scores.transpose(1, 2), q, beta=0, alpha=scale, out=dk)
+    return (grads.permute(1, 3, 0, 2, 4).reshape(BW, N, 3 * h * d),
+            grad_scores.view(BW, h, N, N))
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -416,13 +421,24 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+def _heads_major(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(n, N, 3C)`` -> ``q, k, v`` ``(n, h, N, d)``, contiguous: one copy of ``qkv`` serves
+    every batched product of the recomputed forward and the backward (on the strided views of
+    :func:`_split_heads` each product copied its operands again)."""
+    n, N, C3 = qkv.shape
+    heads = qkv.new_empty(3, n, num_heads, N, C3 // (3 * num_heads))
+    heads.copy_(qkv.view(n, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4))
+    return heads.unbind(0)
+
+
 def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Attention of a chunk of windows ``(n, N, 3C)``.
 
-    Returns ``q, k, v`` ``(n, h, N, d)``, the probabilities and the attended values ``(n*N, C)``.
+    Returns ``q, k, v`` ``(n, h, N, d)`` (contiguous), the probabilities and the attended
+    values ``(n*N, C)``.
     """
-    q, k, v = _split_heads(qkv, num_heads)
+    q, k, v = _heads_major(qkv, num_heads)
     attn = _attention_probs(q, k, bias, scale, bias.shape[0] if bias.dim() == 4 else 1)
     out = _merge_heads(torch.matmul(attn, v))
     return q, k, v, attn, out.view(-1, out.shape[-1])
@@ -537,7 +553,7 @@ class _ChunkedWindowAttention(torch.autograd.Function):
             if need_proj_w:
                 sums.addmm('proj_w', g.t(), attended)
             n, h, _, d = q.shape
-            grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2)
+            grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2).contiguous()
             grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
             del attn, attended
             if need_bias:  # the bias is shared by all windows (and images) of the chunk
