@@ -301,7 +301,8 @@ class SwinBackbone(BaseModule):
         """``(B, Cin, H, W)`` -> tuple of ``(B, C_i, H_i, W_i)`` for i in ``out_indices``."""
         self._check_input(x)
         if x.shape[0] == 0:
-            outs = tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i))
+            outs = tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i),
+                                     dtype=self._output_dtype(x, i))
                          for i in self.out_indices)
             if torch.is_grad_enabled():  # keep backward (and DDP's gradient sync) working
                 anchor = sum(p.view(-1)[:1].sum() * 0 for p in self.parameters() if p.requires_grad)
@@ -323,6 +324,13 @@ class SwinBackbone(BaseModule):
                 outs.append(tokens_to_nchw(out, hw_out))
             hw = next_hw
         return tuple(outs)
+
+    def _output_dtype(self, x: Tensor, stage: int) -> torch.dtype:
+        """The dtype of output ``stage`` for an input like ``x``: under autocast, what a matrix
+        product followed by that stage's norm gives (the autocast dtype on the CPU; float32 on
+        CUDA, whose autocast runs LayerNorm in float32), else ``x.dtype``."""
+        probe = x.new_zeros(0, 1).matmul(x.new_zeros(1, self.num_features[stage]))
+        return getattr(self, f'norm{stage}')(probe).dtype
 
     def _output_hw(self, image_hw: Sequence[int], stage: int) -> tuple[int, int]:
         h, w = (-(-s // self.patch_size) for s in image_hw)

@@ -55,6 +55,16 @@ def test_empty_batch():
                                              (0, 128, 2, 2)]
 
 
+@pytest.mark.parametrize('amp', [None, torch.bfloat16, torch.float16])
+def test_empty_batch_has_the_dtype_of_a_full_one(amp):
+    """Under CPU autocast a batch of one comes out in the autocast dtype; so must an empty one."""
+    model = small().eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=amp or torch.bfloat16, enabled=amp is not None):
+        full = model(torch.randn(1, 3, 64, 48))
+        empty = model(torch.randn(0, 3, 64, 48))
+    assert [o.dtype for o in empty] == [o.dtype for o in full] == [amp or torch.float32] * 4
+
+
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base', 'large', 'T', 'b'])
 def test_arch_shorthand(arch):
     model = SwinBackbone(arch=arch)
