@@ -59,7 +59,8 @@ def test_empty_batch():
 def test_empty_batch_has_the_dtype_of_a_full_one(amp):
     """Under CPU autocast a batch of one comes out in the autocast dtype; so must an empty one."""
     model = small().eval()
-    with torch.no_grad(), torch.autocast('cpu', dtype=amp or torch.bfloat16, enabled=amp is not None):
+    autocast = torch.autocast('cpu', dtype=amp or torch.bfloat16, enabled=amp is not None)
+    with torch.no_grad(), autocast:
         full = model(torch.randn(1, 3, 64, 48))
         empty = model(torch.randn(0, 3, 64, 48))
     assert [o.dtype for o in empty] == [o.dtype for o in full] == [amp or torch.float32] * 4
