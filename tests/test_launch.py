@@ -399,3 +399,36 @@ def test_run_tool_closes_the_process_group(tmp_path, fails):
     assert not dist.is_initialized()
     assert launch.run_tool(main, []) == (1 if fails else 0)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize('fails', [False, True])
+def test_run_tool_frees_the_run_before_closing_the_process_group(monkeypatch, fails):
+    """The Runner, its hooks and DDP sit in reference cycles; DDP's reducer holds the gloo group
+    and its threads. They must be gone before the group is closed, not at interpreter teardown
+    (SIGABRT there). Automatic collection is off here, so only run_tool's own one counts."""
+    import gc
+    import weakref
+
+    class Run:  # stands for the Runner: an object in a reference cycle
+        pass
+
+    runs = []
+
+    def main(argv):
+        run = Run()
+        run.self = run
+        runs.append(weakref.ref(run))
+        if fails:
+            raise launch.LaunchError('no data')
+
+    freed = []
+    monkeypatch.setattr(launch, '_close_process_group',
+                        lambda wait_for_others: freed.append(runs[0]() is None))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        assert launch.run_tool(main, []) == (1 if fails else 0)
+    finally:
+        if enabled:
+            gc.enable()
+    assert freed == [True]
