@@ -244,10 +244,14 @@ def merge_windows(windows: Tensor, hw: tuple[int, int], window_size: int, shift_
     return out
 
 
-def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(B*nW, N, 3C)`` -> three ``(B*nW, h, N, d)`` views (no copy)."""
+def _split_heads(qkv: Tensor, num_heads: int, contiguous: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B*nW, N, 3C)`` -> three ``(B*nW, h, N, d)`` views (no copy), or with ``contiguous``
+    views of one head-major copy: one copy that serves every batched product of the chunked
+    backward (on the strided views each product copied its operands again)."""
     BW, N, C3 = qkv.shape
-    return qkv.view(BW, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = qkv.view(BW, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    return (heads.contiguous() if contiguous else heads).unbind(0)
 
 
 def _attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float, num_windows: int) -> Tensor:
@@ -287,7 +291,7 @@ def _attention_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_out:
     ``q, k, v, grad_out``: ``(B*nW, h, N, d)``; ``attn``: the probabilities. Returns the
     gradient of the qkv projection's output ``(B*nW, N, 3C)`` and that of the logits
     ``(B*nW, h, N, N)`` (which is also the bias gradient before any sum over windows).
-    Contiguous inputs (see :func:`_heads_major`) are used as they are; strided views of ``qkv``
+    Contiguous inputs (``_split_heads(..., contiguous=True)``) are used as they are; strided views of ``qkv``
     are copied here, once each.
     """
     BW, h, N, d = q.shape
@@ -421,16 +425,6 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _heads_major(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(n, N, 3C)`` -> ``q, k, v`` ``(n, h, N, d)``, contiguous: one copy of ``qkv`` serves
-    every batched product of the recomputed forward and the backward (on the strided views of
-    :func:`_split_heads` each product copied its operands again)."""
-    n, N, C3 = qkv.shape
-    heads = qkv.new_empty(3, n, num_heads, N, C3 // (3 * num_heads))
-    heads.copy_(qkv.view(n, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4))
-    return heads.unbind(0)
-
-
 def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Attention of a chunk of windows ``(n, N, 3C)``.
@@ -438,7 +432,7 @@ def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
     Returns ``q, k, v`` ``(n, h, N, d)`` (contiguous), the probabilities and the attended
     values ``(n*N, C)``.
     """
-    q, k, v = _heads_major(qkv, num_heads)
+    q, k, v = _split_heads(qkv, num_heads, contiguous=True)
     attn = _attention_probs(q, k, bias, scale, bias.shape[0] if bias.dim() == 4 else 1)
     out = _merge_heads(torch.matmul(attn, v))
     return q, k, v, attn, out.view(-1, out.shape[-1])
