@@ -46,6 +46,7 @@ import torch
 
 from swin_dense import SwinBackbone
 from swin_dense.window import MASK_VALUE
+from numerics import grad_error, rel
 from tool_runs import DET_DEMO, TRAIN, run_to_end, tiny_detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +68,6 @@ def narrow(stress: bool = False) -> SwinBackbone:
                 elif name.endswith('relative_position_bias_table'):
                     p.normal_(0, 2)
     return model
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope='module')
@@ -154,12 +151,6 @@ def _grads(model, image, dtype, projection_seed=3):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _grad_error(got: dict, ref: dict) -> float:
-    num = sum((got[n] - ref[n]).norm() ** 2 for n in ref) ** 0.5
-    den = sum(ref[n].norm() ** 2 for n in ref) ** 0.5
-    return (num / den).item()
-
-
 def _check_backward(size, limits):
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2))
     model = narrow().train()
@@ -170,7 +161,7 @@ def _check_backward(size, limits):
         got = _grads(model, image, dtype)
         assert all(torch.isfinite(g).all() for g in got.values()), dtype
         assert all(g.dtype == torch.float32 for g in got.values())  # fp32 master weights
-        errors[dtype] = _grad_error(got, ref)
+        errors[dtype] = grad_error(got, ref)
         assert errors[dtype] <= limits[dtype], errors
     return errors
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from swin_dense import SwinBackbone
-from test_amp import _grad_error, rel
+from numerics import grad_error, rel
 from test_parity import ATOL, TINY, peer_and_ours
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -123,7 +123,7 @@ def test_autocast_gradients_as_close_to_fp32_as_mmdet(tmp_path, dtype):
     got, expected = grads(ours, x, dtype), grads(peer, x, dtype)
     assert all(torch.isfinite(g).all() for g in got.values())
     assert all(got[n].dtype == torch.float32 for n in got if n != 'input')  # fp32 master weights
-    ours_error, mmdet_error = _grad_error(got, ref), _grad_error(expected, ref)
+    ours_error, mmdet_error = grad_error(got, ref), grad_error(expected, ref)
     assert ours_error <= max(1.5 * mmdet_error, 1e-3), (ours_error, mmdet_error)
     print(f'\n{dtype}: gradient relative error to fp32, ours {ours_error:.1e}, '
           f'mmdet {mmdet_error:.1e}')

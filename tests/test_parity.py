@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swin_dense import SwinBackbone
-from test_amp import rel
+from numerics import rel
 
 mmdet_backbones = pytest.importorskip('mmdet.models.backbones')
 mmseg_backbones = pytest.importorskip('mmseg.models.backbones')
