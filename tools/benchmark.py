@@ -2,7 +2,7 @@
 
     python tools/benchmark.py                    # CPU, fp32: the table, then JSON
     python tools/benchmark.py --device cuda --amp fp16 --json results.json
-    python tools/benchmark.py --device cuda --in-process --no-memory   # a few minutes less
+    python tools/benchmark.py --device cuda --in-process   # minutes less (no child processes)
 
 Both backbones get the same weights (ours loads the peer's state dict). Each case and mode is
 timed in a fresh child process, so that no figure depends on which cases ran before (on the CPU
@@ -11,7 +11,9 @@ or all in the main process with ``--in-process`` (no start-up per case: on a GPU
 child spends ~15 s importing the toolkits). Within a process, timed runs of the two alternate
 (mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the median is
 reported. Peak memory is measured in isolated child processes (CPU: growth of the peak RSS over
-the process's state before the step; CUDA: ``max_memory_allocated``). Effective GFLOP/s uses
+the process's state before the step; CUDA: growth of ``max_memory_allocated``), on CUDA with
+``--in-process`` in the main process after a 64x64 warm-up step (see
+:func:`cuda_peak_memory_in_process`). Effective GFLOP/s uses
 FLOPs counted by ``torch.utils.flop_counter`` on the peer, against a square fp32 GEMM timed in
 the same run.
 """
@@ -179,6 +181,24 @@ def peak_memory_child(impl: str, arch: str, device: str, mode: str, batch: int, 
                            amp, env))
 
 
+def cuda_peak_memory_in_process(model: torch.nn.Module, mode: str, batch: int, h: int, w: int,
+                                amp: str | None) -> float:
+    """Peak growth of ``max_memory_allocated`` over one step, in this process, in MiB.
+
+    ``max_memory_allocated`` counts live tensors, not the caching allocator's reserve, so the
+    cases timed before do not enter it; a 64x64 step first keeps out what a process allocates
+    once (the cuBLAS workspace, 32 MiB on an H100), which a fresh child counts for both models.
+    """
+    step_fn(model, torch.randn(1, 3, 64, 64, device='cuda'), mode, amp)()
+    run = step_fn(model, torch.randn(batch, 3, h, w, device='cuda'), mode, amp)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def time_child(args: argparse.Namespace) -> None:
     """Entry point of the isolated timing run (prints the medians as JSON)."""
     import warnings
@@ -235,11 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
                         choices=[c[0] for c in CASES], metavar='CASE')
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'],
                         choices=['infer', 'train'])
-    parser.add_argument('--no-memory', action='store_true', help='skip the isolated memory runs')
+    parser.add_argument('--no-memory', action='store_true', help='skip the memory runs')
     parser.add_argument('--in-process', action='store_true',
-                        help='time every case in this process (no child start-up per case: '
-                             'fits a short GPU session; on the CPU the peer then depends on the '
-                             'cases before, see README "Performance")')
+                        help='time every case in this process, and on CUDA measure memory in it '
+                             'too (no child start-up per case: fits a short GPU session; on the '
+                             'CPU the peer then depends on the cases before, see README '
+                             '"Performance")')
     parser.add_argument('--json', type=Path, default=None, help='also write the results here')
     parser.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
     parser.add_argument('--time-child', nargs=2, help=argparse.SUPPRESS)
@@ -282,8 +303,13 @@ def main(argv: list[str] | None = None) -> dict:
                        mmdet_gflops=flops / times['mmdet'] / 1e9,
                        ours_gflops=flops / times['ours'] / 1e9, max_abs_diff=diff)
             if not args.no_memory:
-                mem = {impl: peak_memory_child(impl, args.arch, device, mode, batch, h, w, args.amp)
-                       for impl in IMPLS}
+                if args.in_process and device == 'cuda':
+                    mem = {impl: cuda_peak_memory_in_process(model, mode, batch, h, w, args.amp)
+                           for impl, model in models.items()}
+                else:  # on the CPU, in-process RSS would follow glibc's retained heap
+                    mem = {impl: peak_memory_child(impl, args.arch, device, mode, batch, h, w,
+                                                   args.amp)
+                           for impl in IMPLS}
                 row.update(mmdet_mib=mem['mmdet'], ours_mib=mem['ours'],
                            memory_ratio=mem['ours'] / mem['mmdet'] if mem['mmdet'] > 0 else None)
             results['cases'].append(row)
