@@ -8,7 +8,7 @@ Both backbones get the same weights (ours loads the peer's state dict). Each cas
 timed in a fresh child process, so that no figure depends on which cases ran before (on the CPU
 the peer's large cases move by 10-20% with the allocator state; see README "Performance"),
 or all in the main process with ``--in-process`` (no start-up per case: on a GPU machine each
-child spends ~15 s importing the toolkits). Within a process, timed runs of the two alternate
+child spends 15-20 s importing the toolkits). Within a process, timed runs of the two alternate
 (mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the median is
 reported. Peak memory is measured in isolated child processes (CPU: growth of the peak RSS over
 the process's state before the step; CUDA: growth of ``max_memory_allocated``), on CUDA with
@@ -187,7 +187,8 @@ def cuda_peak_memory_in_process(model: torch.nn.Module, mode: str, batch: int, h
 
     ``max_memory_allocated`` counts live tensors, not the caching allocator's reserve, so the
     cases timed before do not enter it; a 64x64 step first keeps out what a process allocates
-    once (the cuBLAS workspace, 32 MiB on an H100), which a fresh child counts for both models.
+    once (the cuBLAS workspace), which a fresh child counts for both models (on an H100 its
+    inference figures came out about 32 MiB above these, for both).
     """
     step_fn(model, torch.randn(1, 3, 64, 64, device='cuda'), mode, amp)()
     run = step_fn(model, torch.randn(batch, 3, h, w, device='cuda'), mode, amp)
