@@ -291,8 +291,8 @@ def _attention_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_out:
     ``q, k, v, grad_out``: ``(B*nW, h, N, d)``; ``attn``: the probabilities. Returns the
     gradient of the qkv projection's output ``(B*nW, N, 3C)`` and that of the logits
     ``(B*nW, h, N, N)`` (which is also the bias gradient before any sum over windows).
-    Contiguous inputs (``_split_heads(..., contiguous=True)``) are used as they are; strided views of ``qkv``
-    are copied here, once each.
+    Contiguous inputs (``_split_heads(..., contiguous=True)``) are used as they are; strided
+    views of ``qkv`` are copied here, once each.
     """
     BW, h, N, d = q.shape
     q, k, v, grad_out = (t.reshape(BW * h, N, d) for t in (q, k, v, grad_out))

@@ -191,7 +191,12 @@ def cuda_peak_memory_in_process(model: torch.nn.Module, mode: str, batch: int, h
     inference figures came out about 32 MiB above these, for both).
     """
     step_fn(model, torch.randn(1, 3, 64, 64, device='cuda'), mode, amp)()
-    run = step_fn(model, torch.randn(batch, 3, h, w, device='cuda'), mode, amp)
+    return cuda_peak_growth_mib(step_fn(model, torch.randn(batch, 3, h, w, device='cuda'), mode,
+                                        amp))
+
+
+def cuda_peak_growth_mib(run: Callable[[], object]) -> float:
+    """Growth of ``max_memory_allocated`` over ``run()``, in MiB."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -216,12 +221,7 @@ def child(args: argparse.Namespace) -> None:
     x = torch.randn(int(batch), 3, int(h), int(w), device=args.device)
     run = step_fn(model, x, mode, args.amp)
     if args.device == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        print((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+        print(cuda_peak_growth_mib(run))
     else:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
         reset_peak_rss()  # the high-water mark so far includes memory freed after the build
