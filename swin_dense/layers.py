@@ -10,7 +10,7 @@ Token maps travel as ``(B, H*W, C)`` with their ``(H, W)`` beside them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,15 +81,21 @@ def build_activation(act_cfg: dict) -> nn.Module:
     return _ACTIVATIONS[kind](**cfg)
 
 
+def drop_path_scale(x: Tensor, drop_prob: float) -> Tensor:
+    """The per-sample factor of stochastic depth for ``x``, 0 or ``1 / (1 - drop_prob)``, shaped
+    ``(B, 1, ...)``: the same random draw as mmcv's ``DropPath`` makes for ``x``."""
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    return random_tensor.floor_().div_(keep_prob)
+
+
 def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     """Stochastic depth per sample; the same random draw as mmcv's ``DropPath``."""
     if drop_prob == 0.0 or not training:
         return x
-    keep_prob = 1 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
-    # One pass over x with the per-sample factor 0 or 1/keep_prob (mmcv divides, then multiplies).
-    return x * random_tensor.floor_().div_(keep_prob)
+    # One pass over x with the per-sample factor (mmcv divides, then multiplies).
+    return x * drop_path_scale(x, drop_prob)
 
 
 class DropPath(nn.Module):
@@ -101,6 +107,11 @@ class DropPath(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.drop_prob, self.training)
+
+    @property
+    def active(self) -> bool:
+        """Whether the forward draws (training with a non-zero rate)."""
+        return self.training and self.drop_prob > 0.0
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob:.3f}'
@@ -323,12 +334,16 @@ class ShiftWindowMSA(nn.Module):
         return window_layout(hw[0], hw[1], self.window_size, self.shift_size, device)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        return self.drop(self.attend(x, hw))
+
+    def attend(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """The forward without stochastic depth."""
         if torch.compiler.is_compiling():
             return self._forward_traced(x, hw)
         layout = self.layout(hw, x.device)
         windows = windows_from_tokens(x, layout)
         windows = self.w_msa(windows, layout.mask, layout.num_windows)
-        return self.drop(tokens_from_windows(windows, layout))
+        return tokens_from_windows(windows, layout)
 
     def _forward_traced(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """The same with views, rolls and a mask built in the graph: no cached index tensors, no
@@ -339,7 +354,7 @@ class ShiftWindowMSA(nn.Module):
         Hp, Wp = padded_size(hw[0], M), padded_size(hw[1], M)
         mask = shift_mask(Hp, Wp, M, s, x.device) if s else None
         windows = self.w_msa(partition_windows(x, hw, M, s), mask, (Hp // M) * (Wp // M))
-        return self.drop(merge_windows(windows, hw, M, s))
+        return merge_windows(windows, hw, M, s)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -429,10 +444,14 @@ class FFN(nn.Module):
         self.dropout_layer = DropPath(drop_path_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        (fc1, act, drop), fc2, _ = self.layers
+        return self.dropout_layer(self.mlp(x))
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """The forward without stochastic depth."""
+        (fc1, act, drop), fc2, drop_out = self.layers
         plain_gelu = type(act) is nn.GELU and act.approximate == 'none'
         if plain_gelu and not torch.is_grad_enabled():  # inference: GELU in place
-            return self.dropout_layer(fc2(drop(torch.ops.aten.gelu_(fc1(x)))))
+            return drop_out(fc2(drop(torch.ops.aten.gelu_(fc1(x)))))
         # torch.compile traces the plain layers (custom autograd functions with symbolic sizes
         # fail in dynamo; inductor fuses the GELU itself).
         fused = (plain_gelu and (drop.p == 0 or not self.training)
@@ -440,12 +459,40 @@ class FFN(nn.Module):
         if fused and _cpu_fp32(x) and fc1.bias is not None and fc2.bias is not None:
             out = _ChunkedGeluMLP.apply(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias,
                                         fc2.weight, fc2.bias)
-            return self.dropout_layer(out.view(*x.shape[:-1], -1))
+            return out.view(*x.shape[:-1], -1)
         if fused:
             h = fc1(x)
             out = _GeluLinear.apply(h.reshape(-1, h.shape[-1]), fc2.weight, fc2.bias)
-            return self.dropout_layer(out.view(*h.shape[:-1], -1))
-        return self.dropout_layer(self.layers(x))
+            return out.view(*h.shape[:-1], -1)
+        return self.layers(x)
+
+
+class _ZeroLink(torch.autograd.Function):
+    """A scalar 0 computed from ``params``: backward gives each of them a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, *params: Tensor) -> Tensor:
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device)
+                     for shape, dtype, device in ctx.specs)
+
+
+def _residual(x: Tensor, drop: DropPath, branch: Callable[[Tensor], Tensor],
+              modules: Sequence[nn.Module]) -> Tensor:
+    """``x + drop(branch(x))`` with the stochastic-depth factor drawn first; ``branch`` is not
+    called when the factor is 0 for every sample, and the parameters of ``modules`` get zero
+    gradients instead (as ``branch(x) * 0`` would give them)."""
+    scale = drop_path_scale(x, drop.drop_prob)
+    if bool(scale.any()):
+        return branch(x).mul_(scale).add_(x)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params or not torch.is_grad_enabled():
+        return x
+    return x + _ZeroLink.apply(*params)
 
 
 class SwinBlock(nn.Module):
@@ -467,10 +514,34 @@ class SwinBlock(nn.Module):
         self.ffn = FFN(embed_dims, feedforward_channels, act_cfg, drop_rate, drop_path_rate)
 
     def _forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if self._draws_first(x):
+            return self._forward_drawing_first(x, hw)
         # Residuals are added into the branch outputs, which are fresh tensors that nothing else
         # holds: the same sums, one allocation fewer each.
         x = self.attn(self.norm1(x), hw).add_(x)
         return self.ffn(self.norm2(x)).add_(x)
+
+    def _draws_first(self, x: Tensor) -> bool:
+        """Training with stochastic depth on the CPU, where nothing else in the block draws random
+        numbers (no dropout), no autocast (the draw's dtype is that of ``x``), no tracing."""
+        return (self.attn.drop.active and self.ffn.dropout_layer.active
+                and x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu')
+                and not torch.compiler.is_compiling()
+                and self.attn.w_msa.attn_drop_rate == 0.0
+                and all(m.p == 0.0 for m in self.modules() if isinstance(m, nn.Dropout)))
+
+    def _forward_drawing_first(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """The same block with each branch's stochastic-depth factor drawn before the branch
+        instead of after it: the same draws, as nothing in between draws. A branch that is
+        dropped for every sample of the batch is then not computed (in training with batch 1,
+        Swin-T's rates skip 1.2 of the 24 branches per step on average): its output would be
+        multiplied by zero, and its parameters get the zero gradients that product gives them
+        (DDP sees every parameter used). Unlike the product, a skipped branch does not turn a
+        non-finite value of its own into NaN."""
+        x = _residual(x, self.attn.drop, lambda t: self.attn.attend(self.norm1(t), hw),
+                      (self.norm1, self.attn))
+        return _residual(x, self.ffn.dropout_layer, lambda t: self.ffn.mlp(self.norm2(t)),
+                         (self.norm2, self.ffn))
 
     def _forward_chunked(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """Inference: the same sums over cache-sized chunks (see :data:`CHUNK_NUMEL`)."""

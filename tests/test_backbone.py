@@ -262,6 +262,24 @@ def test_drop_path_draws_equal_mmcv():
     assert 0 < dropped.sum() < 16  # some samples dropped, some kept
 
 
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_ddp_trains_while_stochastic_depth_skips_branches(tmp_path, with_cp):
+    """A branch dropped for the whole batch is not computed, yet its parameters still get
+    gradients: DDP (find_unused_parameters=False) would otherwise stop at the next step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                            world_size=1)
+    try:
+        model = DistributedDataParallel(small(drop_path_rate=0.6, with_cp=with_cp).train())
+        torch.manual_seed(3)
+        for _ in range(4):
+            sum(o.mean() for o in model(torch.randn(1, 3, 64, 64))).backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_tokens_to_nchw_in_blocks_equals_permute(monkeypatch):
     import swin_dense.layers as layers
     monkeypatch.setattr(layers, '_TRANSPOSE_BLOCK_NUMEL', 2 * 7 * 3)  # blocks of 2 rows of 5

@@ -136,6 +136,45 @@ def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate):
     assert (expected - got).abs().max().item() <= ATOL * expected.abs().max().item()
 
 
+def test_branches_dropped_by_stochastic_depth_equal_mmdet(tmp_path, monkeypatch):
+    """With batch 1 a branch that stochastic depth drops is not computed; outputs, the input's
+    gradient and every parameter's gradient (zeros for the dropped branches, never None) are
+    still mmdet's, who computes the branch and multiplies it by zero."""
+    from swin_dense.layers import FFN, ShiftWindowMSA
+    calls = {'attn': 0, 'ffn': 0}
+    for cls, name, key in ((ShiftWindowMSA, 'attend', 'attn'), (FFN, 'mlp', 'ffn')):
+        def counted(self, *args, _method=getattr(cls, name), _key=key):
+            calls[_key] += 1
+            return _method(self, *args)
+        monkeypatch.setattr(cls, name, counted)
+    peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
+                               drop_path_rate=0.6)
+    size = (97, 130)
+    results = []
+    for model in (peer, ours):
+        model.train()
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2))
+        x.requires_grad_(True)
+        torch.manual_seed(11)
+        outs = model(x)
+        sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
+        results.append((outs, x.grad, dict(model.named_parameters())))
+    (expected_outs, expected_x, expected_params), (outs, grad_x, params) = results
+    blocks = sum(TINY['depths'])
+    assert 0 < calls['attn'] < blocks and 0 < calls['ffn'] < blocks  # some skipped, some not
+    for e, g in zip(expected_outs, outs):
+        assert (e - g).abs().max().item() <= ATOL * max(e.abs().max().item(), 1)
+    assert (expected_x - grad_x).abs().max().item() <= ATOL * expected_x.abs().max().item()
+    zero_grads = 0
+    for name, p in params.items():
+        expected = expected_params[name].grad
+        assert p.grad is not None and expected is not None, name
+        assert (expected - p.grad).abs().max().item() <= ATOL * max(expected.abs().max().item(),
+                                                                   1), name
+        zero_grads += bool((expected == 0).all())
+    assert zero_grads > 0  # the dropped branches' parameters (zeros in mmdet too)
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
 def test_autocast_error_equals_mmdet(tmp_path, dtype):
     """Under CPU autocast, outputs and gradients (input and parameters together) stray from each
