@@ -19,9 +19,9 @@ import torch.utils.checkpoint as cp
 from torch import Tensor
 
 from .window import (ChunkGradients, WindowLayout, chunked_window_attention, fold_mask,
-                     merge_windows, padded_size, partition_windows, relative_position_bias,
-                     shift_mask, tokens_from_windows, window_attention, window_layout,
-                     windows_from_tokens)
+                     merge_windows, padded_size, partition_windows, qkv_on_tokens_pays,
+                     relative_position_bias, shift_mask, token_window_attention,
+                     tokens_from_windows, window_attention, window_layout, windows_from_tokens)
 
 #: On CPU (fp32) the attention and the MLP run over chunks of windows / tokens whose widest
 #: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values,
@@ -293,12 +293,33 @@ class WindowMSA(nn.Module):
                                  num_windows, self.proj.weight, self.proj.bias, attn_drop)
         return self.proj_drop(x)
 
+    def takes_tokens(self, x: Tensor, layout: WindowLayout) -> bool:
+        """Whether :meth:`forward_tokens` applies to the tokens ``x`` ``(B, H*W, C)``: CPU
+        training in fp32 (no attention dropout) on a map padded enough for it to pay."""
+        return (_cpu_fp32(x) and torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+                and (self.attn_drop_rate == 0.0 or not self.training)
+                and qkv_on_tokens_pays(layout, x.shape[-1]))
+
+    def forward_tokens(self, x: Tensor, layout: WindowLayout) -> Tensor:
+        """The forward on the tokens ``(B, H*W, C)`` instead of their windows (see
+        :func:`token_window_attention`): ``(B * nW, N, C)`` windows out."""
+        qkv, proj = self.qkv, self.proj
+        out = token_window_attention(
+            x, layout, qkv.weight, qkv.bias, self.relative_bias(), proj.weight, proj.bias,
+            self.num_heads, self.scale, self._chunk_windows(layout.window_size ** 2, x.shape[-1]))
+        return self.proj_drop(out)
+
+    def _chunk_windows(self, N: int, C: int) -> int:
+        """Windows per chunk of the CPU paths (qkv and probabilities within CHUNK_NUMEL)."""
+        return _chunk_rows(N * (3 * C + self.num_heads * N), N)
+
     def _chunked(self, x: Tensor, bias: Tensor, num_windows: int, mask: Optional[Tensor]
                  ) -> Tensor:
         """:func:`chunked_window_attention` with the parameters in the dtype of ``x``; the
         chunks fold the mask into the bias."""
         N, C = x.shape[1:]
-        step = _chunk_rows(N * (3 * C + self.num_heads * N), N)
+        step = self._chunk_windows(N, C)
         qkv, proj = self.qkv, self.proj
         return chunked_window_attention(
             x, qkv.weight.to(x.dtype), None if qkv.bias is None else qkv.bias.to(x.dtype), bias,
@@ -341,8 +362,10 @@ class ShiftWindowMSA(nn.Module):
         if torch.compiler.is_compiling():
             return self._forward_traced(x, hw)
         layout = self.layout(hw, x.device)
-        windows = windows_from_tokens(x, layout)
-        windows = self.w_msa(windows, layout.mask, layout.num_windows)
+        if self.w_msa.takes_tokens(x, layout):
+            windows = self.w_msa.forward_tokens(x, layout)
+        else:
+            windows = self.w_msa(windows_from_tokens(x, layout), layout.mask, layout.num_windows)
         return tokens_from_windows(windows, layout)
 
     def _forward_traced(self, x: Tensor, hw: tuple[int, int]) -> Tensor:

@@ -600,6 +600,126 @@ def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
     return _chunked_forward(*args, num_heads, scale, num_windows, chunk_windows, mask)
 
 
+#: Training on the CPU projects qkv on the tokens instead of the window slots (see
+#: :func:`token_window_attention`) when ``padding slots * C >= TOKEN_QKV_MIN_PAD_CHANNELS * slots``:
+#: where the GEMM rows of the padding (6 * 3C^2 flops each, forward and backward) cost more than
+#: the extra copies (about 6C values per slot). Measured on Swin-T at 512x512 (2-core CPU):
+#: stage 1 (7% padding, C=96) is slower that way, stages 2-4 (16-42%, C=192-768) faster.
+TOKEN_QKV_MIN_PAD_CHANNELS = 20
+
+
+def qkv_on_tokens_pays(layout: WindowLayout, channels: int) -> bool:
+    """Whether :func:`token_window_attention` saves time over the windowed qkv projection."""
+    if layout.pad_slots is None:
+        return False
+    slots = layout.num_windows * layout.window_size ** 2
+    return layout.pad_slots.numel() * channels >= TOKEN_QKV_MIN_PAD_CHANNELS * slots
+
+
+def _slot_rows(layout: WindowLayout, batch: int, num_tokens: int) -> Tensor:
+    """``(B * nW * N,)`` token row (of ``B * L`` rows) of every window slot; the padding slots
+    point at one extra row ``B * L``."""
+    index = layout.gather_index.view(1, -1) + torch.arange(
+        0, batch * num_tokens, num_tokens, device=layout.gather_index.device).view(-1, 1)
+    if layout.pad_slots is not None:
+        index[:, layout.pad_slots] = batch * num_tokens
+    return index.view(-1)
+
+
+class _TokenWindowAttention(torch.autograd.Function):
+    """qkv projection on the token rows, then window attention and output projection over
+    chunks of windows; for CPU training in fp32 where the map needs padding.
+
+    A padding slot is a zero token, so its qkv is the qkv bias: the projection runs on the
+    ``B * L`` tokens only (plus one row holding the bias), and each chunk gathers its windows'
+    rows. Backward scatters the chunks' qkv gradients back onto the token rows (the padding
+    slots' onto the extra row, where only the bias gradient needs them) and projects them in two
+    GEMMs over the tokens. Kept for backward: the tokens and their qkv, less than the windowed
+    path keeps (no padding rows); the probabilities are recomputed per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Tensor,
+                proj_weight: Tensor, proj_bias: Optional[Tensor], layout: WindowLayout,
+                num_heads: int, scale: float, step: int) -> Tensor:
+        B, L, C = x.shape
+        rows, N, nW = B * L, layout.window_size ** 2, layout.num_windows
+        qkv = x.new_empty(rows + 1, qkv_weight.shape[0])
+        _linear_into(qkv[:rows], x.view(rows, C), qkv_weight, qkv_bias)
+        qkv[rows] = 0.0 if qkv_bias is None else qkv_bias
+        index = _slot_rows(layout, B, L)
+        out = x.new_empty(B * nW, N, proj_weight.shape[0])
+        for wrows, wins in _window_chunks(B * nW, nW, step):
+            chunk = qkv.index_select(0, index[wrows.start * N:wrows.stop * N])
+            attended = _attended(chunk.view(-1, N, chunk.shape[-1]),
+                                 fold_mask(bias, layout.mask, wins), num_heads, scale)
+            _linear_into(out[wrows].view(-1, out.shape[-1]), attended, proj_weight, proj_bias)
+        ctx.save_for_backward(x, qkv, index, bias, qkv_weight, proj_weight)
+        ctx.layout = layout  # cached size-dependent tensors: nothing to save
+        ctx.args = (num_heads, scale, step, qkv_bias is not None, proj_bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, qkv, index, bias, qkv_weight, proj_weight = ctx.saved_tensors
+        layout = ctx.layout
+        num_heads, scale, step, has_qkv_bias, has_proj_bias = ctx.args
+        need_x, need_qkv_w, need_qkv_b, need_bias, need_proj_w, need_proj_b = (
+            ctx.needs_input_grad[:6])
+        B, L, C = x.shape
+        rows, N, nW = B * L, layout.window_size ** 2, layout.num_windows
+        grad_qkv = qkv.new_empty(qkv.shape)  # row `rows` collects the padding slots' (unused)
+        sums = ChunkGradients()
+        grad_y = grad_y.contiguous()
+        for wrows, wins in _window_chunks(B * nW, nW, step):
+            slots = index[wrows.start * N:wrows.stop * N]
+            q, k, v, attn, attended = _chunk_attention(
+                qkv.index_select(0, slots).view(-1, N, qkv.shape[-1]),
+                fold_mask(bias, layout.mask, wins), num_heads, scale)
+            g = grad_y[wrows].view(-1, grad_y.shape[-1])
+            if need_proj_w:
+                sums.addmm('proj_w', g.t(), attended)
+            n, h, _, d = q.shape
+            grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2).contiguous()
+            grad_chunk, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
+            del attn, attended
+            if need_bias:
+                sums.add('bias', grad_scores.sum(0))
+            grad_chunk = grad_chunk.view(-1, grad_chunk.shape[-1])
+            if has_qkv_bias and need_qkv_b:  # every slot's, the padding slots' included
+                sums.add('qkv_b', grad_chunk.sum(0))
+            grad_qkv.index_copy_(0, slots, grad_chunk)
+        grad_qkv = grad_qkv[:rows]
+        grad_x = grad_qkv.mm(qkv_weight).view(B, L, C) if need_x else None
+        if need_qkv_w:
+            sums.addmm('qkv_w', grad_qkv.t(), x.view(rows, C))
+        if has_proj_bias and need_proj_b:
+            sums.add('proj_b', grad_y.view(-1, grad_y.shape[-1]).sum(0))
+        return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),
+                sums.get('proj_w'), sums.get('proj_b'), None, None, None, None)
+
+
+def token_window_attention(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
+                           qkv_bias: Optional[Tensor], bias: Tensor, proj_weight: Tensor,
+                           proj_bias: Optional[Tensor], num_heads: int, scale: float,
+                           chunk_windows: int) -> Tensor:
+    """The sums of ``chunked_window_attention(windows_from_tokens(x, layout), ...)`` with the
+    qkv projection on the tokens, not on the window slots (none for the padding): CPU training.
+
+    Args:
+        x: ``(B, H*W, C)`` tokens of the map that ``layout`` describes.
+        bias: the relative position bias ``(h, N, N)``; the layout's shift mask is added per
+            chunk.
+        other arguments: as in :func:`chunked_window_attention`.
+
+    Returns:
+        ``(B * nW, N, C)`` windows (padding slots included), as :func:`chunked_window_attention`.
+    """
+    x, bias = x.contiguous(), bias.to(x.dtype)
+    return _TokenWindowAttention.apply(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias,
+                                       layout, num_heads, scale, chunk_windows)
+
+
 def _sdpa_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
                            num_windows: int, dropout_p: float) -> Tensor:
     """The same attention (without the projection) through ``scaled_dot_product_attention``.
