@@ -19,8 +19,8 @@ import torch.utils.checkpoint as cp
 from torch import Tensor
 
 from .window import (ChunkGradients, WindowLayout, chunked_window_attention, fold_mask,
-                     merge_windows, padded_size, partition_windows, qkv_on_tokens_pays,
-                     relative_position_bias, shift_mask, token_window_attention,
+                     merge_windows, padded_size, partition_windows, relative_position_bias,
+                     shift_mask, token_projections_pay, token_window_attention,
                      tokens_from_windows, window_attention, window_layout, windows_from_tokens)
 
 #: On CPU (fp32) the attention and the MLP run over chunks of windows / tokens whose widest
@@ -295,20 +295,20 @@ class WindowMSA(nn.Module):
 
     def takes_tokens(self, x: Tensor, layout: WindowLayout) -> bool:
         """Whether :meth:`forward_tokens` applies to the tokens ``x`` ``(B, H*W, C)``: CPU
-        training in fp32 (no attention dropout) on a map padded enough for it to pay."""
+        training in fp32 (no dropout) on a map padded enough for it to pay."""
         return (_cpu_fp32(x) and torch.is_grad_enabled()
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-                and (self.attn_drop_rate == 0.0 or not self.training)
-                and qkv_on_tokens_pays(layout, x.shape[-1]))
+                and (not self.training or (self.attn_drop_rate == 0.0
+                                           and self.proj_drop.p == 0.0))
+                and token_projections_pay(layout, x.shape[-1]))
 
     def forward_tokens(self, x: Tensor, layout: WindowLayout) -> Tensor:
-        """The forward on the tokens ``(B, H*W, C)`` instead of their windows (see
-        :func:`token_window_attention`): ``(B * nW, N, C)`` windows out."""
+        """The forward on the tokens ``(B, H*W, C)`` of the map ``layout`` describes instead of
+        their windows (see :func:`token_window_attention`), tokens out; no dropout."""
         qkv, proj = self.qkv, self.proj
-        out = token_window_attention(
+        return token_window_attention(
             x, layout, qkv.weight, qkv.bias, self.relative_bias(), proj.weight, proj.bias,
             self.num_heads, self.scale, self._chunk_windows(layout.window_size ** 2, x.shape[-1]))
-        return self.proj_drop(out)
 
     def _chunk_windows(self, N: int, C: int) -> int:
         """Windows per chunk of the CPU paths (qkv and probabilities within CHUNK_NUMEL)."""
@@ -363,9 +363,8 @@ class ShiftWindowMSA(nn.Module):
             return self._forward_traced(x, hw)
         layout = self.layout(hw, x.device)
         if self.w_msa.takes_tokens(x, layout):
-            windows = self.w_msa.forward_tokens(x, layout)
-        else:
-            windows = self.w_msa(windows_from_tokens(x, layout), layout.mask, layout.num_windows)
+            return self.w_msa.forward_tokens(x, layout)
+        windows = self.w_msa(windows_from_tokens(x, layout), layout.mask, layout.num_windows)
         return tokens_from_windows(windows, layout)
 
     def _forward_traced(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -511,7 +510,7 @@ def _residual(x: Tensor, drop: DropPath, branch: Callable[[Tensor], Tensor],
     gradients instead (as ``branch(x) * 0`` would give them)."""
     scale = drop_path_scale(x, drop.drop_prob)
     if bool(scale.any()):
-        return branch(x).mul_(scale).add_(x)
+        return (branch(x) * scale).add_(x)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     if not params or not torch.is_grad_enabled():
         return x

@@ -425,6 +425,14 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+def _chunk_probs(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``q, k, v`` ``(n, h, N, d)`` (contiguous) and the probabilities of a chunk of windows
+    ``(n, N, 3C)``."""
+    q, k, v = _split_heads(qkv, num_heads, contiguous=True)
+    return q, k, v, _attention_probs(q, k, bias, scale, bias.shape[0] if bias.dim() == 4 else 1)
+
+
 def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Attention of a chunk of windows ``(n, N, 3C)``.
@@ -432,8 +440,7 @@ def _chunk_attention(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
     Returns ``q, k, v`` ``(n, h, N, d)`` (contiguous), the probabilities and the attended
     values ``(n*N, C)``.
     """
-    q, k, v = _split_heads(qkv, num_heads, contiguous=True)
-    attn = _attention_probs(q, k, bias, scale, bias.shape[0] if bias.dim() == 4 else 1)
+    q, k, v, attn = _chunk_probs(qkv, bias, num_heads, scale)
     out = _merge_heads(torch.matmul(attn, v))
     return q, k, v, attn, out.view(-1, out.shape[-1])
 
@@ -600,20 +607,20 @@ def chunked_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
     return _chunked_forward(*args, num_heads, scale, num_windows, chunk_windows, mask)
 
 
-#: Training on the CPU projects qkv on the tokens instead of the window slots (see
-#: :func:`token_window_attention`) when ``padding slots * C >= TOKEN_QKV_MIN_PAD_CHANNELS * slots``:
-#: where the GEMM rows of the padding (6 * 3C^2 flops each, forward and backward) cost more than
-#: the extra copies (about 6C values per slot). Measured on Swin-T at 512x512 (2-core CPU):
-#: stage 1 (7% padding, C=96) is slower that way, stages 2-4 (16-42%, C=192-768) faster.
-TOKEN_QKV_MIN_PAD_CHANNELS = 20
+#: Training on the CPU runs the qkv and output projections on the tokens instead of the window
+#: slots (see :func:`token_window_attention`) where ``padding slots * C >= this * slots``: where
+#: the padding's GEMM rows (8C^2 flops each, three times: forward and backward) cost more than
+#: the extra copies (about 8C values per slot). Measured on Swin-T at 512x512 (2-core CPU): no
+#: gain on stage 1 (7% padding, C=96), a gain on stages 3-4 (16% and 42%, C=384, 768).
+TOKEN_PROJECTIONS_MIN_PAD_CHANNELS = 20
 
 
-def qkv_on_tokens_pays(layout: WindowLayout, channels: int) -> bool:
-    """Whether :func:`token_window_attention` saves time over the windowed qkv projection."""
+def token_projections_pay(layout: WindowLayout, channels: int) -> bool:
+    """Whether :func:`token_window_attention` saves time over projecting on the windows."""
     if layout.pad_slots is None:
         return False
     slots = layout.num_windows * layout.window_size ** 2
-    return layout.pad_slots.numel() * channels >= TOKEN_QKV_MIN_PAD_CHANNELS * slots
+    return layout.pad_slots.numel() * channels >= TOKEN_PROJECTIONS_MIN_PAD_CHANNELS * slots
 
 
 def _slot_rows(layout: WindowLayout, batch: int, num_tokens: int) -> Tensor:
@@ -627,15 +634,19 @@ def _slot_rows(layout: WindowLayout, batch: int, num_tokens: int) -> Tensor:
 
 
 class _TokenWindowAttention(torch.autograd.Function):
-    """qkv projection on the token rows, then window attention and output projection over
-    chunks of windows; for CPU training in fp32 where the map needs padding.
+    """Window attention with both projections on the token rows, for CPU training in fp32
+    where the map needs padding: ``(B, H*W, C)`` tokens in, tokens out.
 
-    A padding slot is a zero token, so its qkv is the qkv bias: the projection runs on the
-    ``B * L`` tokens only (plus one row holding the bias), and each chunk gathers its windows'
-    rows. Backward scatters the chunks' qkv gradients back onto the token rows (the padding
-    slots' onto the extra row, where only the bias gradient needs them) and projects them in two
-    GEMMs over the tokens. Kept for backward: the tokens and their qkv, less than the windowed
-    path keeps (no padding rows); the probabilities are recomputed per chunk.
+    A padding slot is a zero token, so its qkv is the qkv bias, and its output is cropped. The
+    qkv projection runs on the ``B * L`` tokens only (plus one row holding the bias); each chunk
+    of windows gathers its slots' rows, attends, and scatters the real slots' attended values
+    back to the token rows (the padding slots' to one extra row, dropped); the output projection
+    runs on the tokens. Backward does the same in reverse: the output gradient is projected on
+    the tokens and gathered per chunk (zero for the padding slots), each chunk's qkv gradient is
+    scattered to the token rows (the padding slots' count for the qkv bias gradient only), and
+    the qkv weight and input gradients are two GEMMs over the tokens. Kept for backward: the
+    tokens, their qkv and their attended values (the output projection's input, as mmdet keeps
+    it); the probabilities are recomputed per chunk.
     """
 
     @staticmethod
@@ -648,41 +659,48 @@ class _TokenWindowAttention(torch.autograd.Function):
         _linear_into(qkv[:rows], x.view(rows, C), qkv_weight, qkv_bias)
         qkv[rows] = 0.0 if qkv_bias is None else qkv_bias
         index = _slot_rows(layout, B, L)
-        out = x.new_empty(B * nW, N, proj_weight.shape[0])
+        attended = x.new_empty(rows + 1, qkv_weight.shape[0] // 3)
         for wrows, wins in _window_chunks(B * nW, nW, step):
-            chunk = qkv.index_select(0, index[wrows.start * N:wrows.stop * N])
-            attended = _attended(chunk.view(-1, N, chunk.shape[-1]),
-                                 fold_mask(bias, layout.mask, wins), num_heads, scale)
-            _linear_into(out[wrows].view(-1, out.shape[-1]), attended, proj_weight, proj_bias)
-        ctx.save_for_backward(x, qkv, index, bias, qkv_weight, proj_weight)
+            slots = index[wrows.start * N:wrows.stop * N]
+            chunk = qkv.index_select(0, slots).view(-1, N, qkv.shape[-1])
+            attended.index_copy_(0, slots, _attended(chunk, fold_mask(bias, layout.mask, wins),
+                                                     num_heads, scale))
+        attended = attended[:rows]
+        out = x.new_empty(B, L, proj_weight.shape[0])
+        _linear_into(out.view(rows, -1), attended, proj_weight, proj_bias)
+        ctx.save_for_backward(x, qkv, attended, index, bias, qkv_weight, proj_weight)
         ctx.layout = layout  # cached size-dependent tensors: nothing to save
         ctx.args = (num_heads, scale, step, qkv_bias is not None, proj_bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, qkv, index, bias, qkv_weight, proj_weight = ctx.saved_tensors
+        x, qkv, attended, index, bias, qkv_weight, proj_weight = ctx.saved_tensors
         layout = ctx.layout
         num_heads, scale, step, has_qkv_bias, has_proj_bias = ctx.args
         need_x, need_qkv_w, need_qkv_b, need_bias, need_proj_w, need_proj_b = (
             ctx.needs_input_grad[:6])
         B, L, C = x.shape
         rows, N, nW = B * L, layout.window_size ** 2, layout.num_windows
-        grad_qkv = qkv.new_empty(qkv.shape)  # row `rows` collects the padding slots' (unused)
+        grad_y = grad_y.reshape(rows, -1)
         sums = ChunkGradients()
-        grad_y = grad_y.contiguous()
+        if need_proj_w:
+            sums.addmm('proj_w', grad_y.t(), attended)
+        if has_proj_bias and need_proj_b:
+            sums.add('proj_b', grad_y.sum(0))
+        grad_attended = grad_y.new_empty(rows + 1, attended.shape[1])
+        torch.mm(grad_y, proj_weight, out=grad_attended[:rows])
+        grad_attended[rows] = 0.0  # the padding slots' outputs are cropped
+        grad_qkv = qkv.new_empty(qkv.shape)  # row `rows` collects the padding slots' (unused)
         for wrows, wins in _window_chunks(B * nW, nW, step):
             slots = index[wrows.start * N:wrows.stop * N]
-            q, k, v, attn, attended = _chunk_attention(
-                qkv.index_select(0, slots).view(-1, N, qkv.shape[-1]),
-                fold_mask(bias, layout.mask, wins), num_heads, scale)
-            g = grad_y[wrows].view(-1, grad_y.shape[-1])
-            if need_proj_w:
-                sums.addmm('proj_w', g.t(), attended)
+            q, k, v, attn = _chunk_probs(qkv.index_select(0, slots).view(-1, N, qkv.shape[-1]),
+                                         fold_mask(bias, layout.mask, wins), num_heads, scale)
             n, h, _, d = q.shape
-            grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2).contiguous()
-            grad_chunk, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
-            del attn, attended
+            grad_out = grad_attended.index_select(0, slots).view(n, N, h, d)
+            grad_chunk, grad_scores = _attention_backward(
+                q, k, v, attn, grad_out.transpose(1, 2).contiguous(), scale)
+            del attn
             if need_bias:
                 sums.add('bias', grad_scores.sum(0))
             grad_chunk = grad_chunk.view(-1, grad_chunk.shape[-1])
@@ -693,8 +711,6 @@ class _TokenWindowAttention(torch.autograd.Function):
         grad_x = grad_qkv.mm(qkv_weight).view(B, L, C) if need_x else None
         if need_qkv_w:
             sums.addmm('qkv_w', grad_qkv.t(), x.view(rows, C))
-        if has_proj_bias and need_proj_b:
-            sums.add('proj_b', grad_y.view(-1, grad_y.shape[-1]).sum(0))
         return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),
                 sums.get('proj_w'), sums.get('proj_b'), None, None, None, None)
 
@@ -703,8 +719,8 @@ def token_window_attention(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
                            qkv_bias: Optional[Tensor], bias: Tensor, proj_weight: Tensor,
                            proj_bias: Optional[Tensor], num_heads: int, scale: float,
                            chunk_windows: int) -> Tensor:
-    """The sums of ``chunked_window_attention(windows_from_tokens(x, layout), ...)`` with the
-    qkv projection on the tokens, not on the window slots (none for the padding): CPU training.
+    """``tokens_from_windows(chunked_window_attention(windows_from_tokens(x, layout), ...))``
+    with both projections on the tokens, none on the padding slots: CPU training.
 
     Args:
         x: ``(B, H*W, C)`` tokens of the map that ``layout`` describes.
@@ -713,7 +729,7 @@ def token_window_attention(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
         other arguments: as in :func:`chunked_window_attention`.
 
     Returns:
-        ``(B * nW, N, C)`` windows (padding slots included), as :func:`chunked_window_attention`.
+        ``(B, H*W, C)`` tokens.
     """
     x, bias = x.contiguous(), bias.to(x.dtype)
     return _TokenWindowAttention.apply(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias,

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from swin_dense.window import (MASK_VALUE, PROB_FLOOR, _attention_probs,
                                chunked_window_attention, merge_windows, partition_windows,
-                               qkv_on_tokens_pays, relative_position_bias,
-                               relative_position_index, shift_mask, token_window_attention,
+                               relative_position_bias, relative_position_index, shift_mask,
+                               token_projections_pay, token_window_attention,
                                tokens_from_windows, window_attention, window_layout,
                                windows_from_tokens)
 
@@ -228,9 +228,10 @@ def test_chunked_window_attention_equals_autograd(with_mask, batch, chunk):
 # a padded map, unshifted and shifted; chunks of part of an image, of whole images
 @pytest.mark.parametrize('shift, batch, chunk', [(0, 2, 4), (2, 2, 3), (2, 3, 12), (3, 1, 99)])
 def test_token_window_attention_equals_the_windowed_formula(shift, batch, chunk):
-    """qkv projected on the tokens (padding slots get the bias), against the official order
-    (pad, roll, partition, then qkv on every slot) under autograd: outputs and the gradients of
-    the tokens, both projections and the bias (whose gradient includes the padding slots')."""
+    """Both projections on the tokens (padding slots get the qkv bias), against the official
+    order (pad, roll, partition, projections on every slot, merge, roll back, crop) under
+    autograd: outputs and the gradients of the tokens, both projections and the bias (whose
+    gradient includes the padding slots')."""
     torch.manual_seed(1)
     H, W, M, h, d = 9, 10, 5, 2, 3
     C = h * d
@@ -246,8 +247,9 @@ def test_token_window_attention_equals_the_windowed_formula(shift, batch, chunk)
                                   h, d ** -0.5, chunk)
     windows, _, _ = official_windows(x, H, W, M, shift)
     folded = bias if layout.mask is None else bias + layout.mask.double().unsqueeze(1)
-    ref = F.linear(plain_attention(F.linear(windows, qkv_weight, qkv_bias), h, d ** -0.5, folded,
-                                   layout.num_windows), proj_weight, proj_bias)
+    ref = official_merge(F.linear(plain_attention(F.linear(windows, qkv_weight, qkv_bias), h,
+                                                  d ** -0.5, folded, layout.num_windows),
+                                  proj_weight, proj_bias), H, W, M, shift)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     grad_out = torch.randn(ref.shape, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(ours, inputs, grad_out),
@@ -255,12 +257,12 @@ def test_token_window_attention_equals_the_windowed_formula(shift, batch, chunk)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_qkv_on_tokens_pays_where_the_padding_is_wide_enough():
+def test_token_projections_pay_where_the_padding_is_wide_enough():
     cpu = torch.device('cpu')
-    assert not qkv_on_tokens_pays(window_layout(56, 56, 7, 3, cpu), 96)  # no padding
-    assert not qkv_on_tokens_pays(window_layout(128, 128, 7, 3, cpu), 96)  # 7%, C=96
-    assert qkv_on_tokens_pays(window_layout(64, 64, 7, 3, cpu), 192)  # 16%
-    assert qkv_on_tokens_pays(window_layout(16, 16, 7, 0, cpu), 768)  # 42%
+    assert not token_projections_pay(window_layout(56, 56, 7, 3, cpu), 96)  # no padding
+    assert not token_projections_pay(window_layout(128, 128, 7, 3, cpu), 96)  # 7%, C=96
+    assert token_projections_pay(window_layout(64, 64, 7, 3, cpu), 192)  # 16%
+    assert token_projections_pay(window_layout(16, 16, 7, 0, cpu), 768)  # 42%
 
 
 def test_chunked_window_attention_takes_the_mask_apart():
