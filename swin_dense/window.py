@@ -492,6 +492,26 @@ def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], 
     return out
 
 
+def _chunk_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_attended: Tensor,
+                    scale: float, sums: ChunkGradients, need_bias: bool, need_qkv_bias: bool
+                    ) -> Tensor:
+    """Backward of one chunk's attention from the gradient of its attended values ``(n*N, C)``.
+
+    Adds the chunk's terms of the bias gradient (the bias is shared by all its windows and
+    images) and of the qkv bias gradient (every slot's, padding slots included) to ``sums``;
+    returns the gradient of the chunk's qkv ``(n*N, 3C)``.
+    """
+    n, h, N, d = q.shape
+    grad_out = grad_attended.view(n, N, h, d).transpose(1, 2).contiguous()
+    grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
+    if need_bias:
+        sums.add('bias', grad_scores.sum(0))
+    grad_qkv = grad_qkv.view(-1, grad_qkv.shape[-1])
+    if need_qkv_bias:
+        sums.add('qkv_b', grad_qkv.sum(0))
+    return grad_qkv
+
+
 class ChunkGradients:
     """Gradients summed over chunks; the first chunk's term becomes the sum (no zero fill)."""
 
@@ -545,7 +565,7 @@ class _ChunkedWindowAttention(torch.autograd.Function):
         num_heads, scale, num_windows, step, has_qkv_bias, has_proj_bias = ctx.args
         need_x, need_qkv_w, need_qkv_b, need_bias, need_proj_w, need_proj_b = (
             ctx.needs_input_grad[:6])
-        BW, N, C = x.shape
+        BW, _, C = x.shape
         grad_x = torch.empty_like(x) if need_x else None
         sums = ChunkGradients()
         grad_y = grad_y.contiguous()
@@ -555,17 +575,11 @@ class _ChunkedWindowAttention(torch.autograd.Function):
             g = grad_y[rows].view(-1, grad_y.shape[-1])
             if need_proj_w:
                 sums.addmm('proj_w', g.t(), attended)
-            n, h, _, d = q.shape
-            grad_out = g.mm(proj_weight).view(n, N, h, d).transpose(1, 2).contiguous()
-            grad_qkv, grad_scores = _attention_backward(q, k, v, attn, grad_out, scale)
+            grad_qkv = _chunk_backward(q, k, v, attn, g.mm(proj_weight), scale, sums, need_bias,
+                                       has_qkv_bias and need_qkv_b)
             del attn, attended
-            if need_bias:  # the bias is shared by all windows (and images) of the chunk
-                sums.add('bias', grad_scores.sum(0))
-            grad_qkv = grad_qkv.view(-1, grad_qkv.shape[-1])
             if need_qkv_w:
                 sums.addmm('qkv_w', grad_qkv.t(), x[rows].view(-1, C))
-            if has_qkv_bias and need_qkv_b:
-                sums.add('qkv_b', grad_qkv.sum(0))
             if need_x:
                 torch.mm(grad_qkv, qkv_weight, out=grad_x[rows].view(-1, C))
         if has_proj_bias and need_proj_b:
@@ -698,16 +712,9 @@ class _TokenWindowAttention(torch.autograd.Function):
             slots = index[wrows.start * N:wrows.stop * N]
             q, k, v, attn = _chunk_probs(qkv.index_select(0, slots).view(-1, N, qkv.shape[-1]),
                                          fold_mask(bias, layout.mask, wins), num_heads, scale)
-            n, h, _, d = q.shape
-            grad_out = grad_attended.index_select(0, slots).view(n, N, h, d)
-            grad_chunk, grad_scores = _attention_backward(
-                q, k, v, attn, grad_out.transpose(1, 2).contiguous(), scale)
+            grad_chunk = _chunk_backward(q, k, v, attn, grad_attended.index_select(0, slots),
+                                         scale, sums, need_bias, has_qkv_bias and need_qkv_b)
             del attn
-            if need_bias:
-                sums.add('bias', grad_scores.sum(0))
-            grad_chunk = grad_chunk.view(-1, grad_chunk.shape[-1])
-            if has_qkv_bias and need_qkv_b:  # every slot's, the padding slots' included
-                sums.add('qkv_b', grad_chunk.sum(0))
             grad_qkv.index_copy_(0, slots, grad_chunk)
         grad_qkv = grad_qkv[:rows]
         grad_x = grad_qkv.mm(qkv_weight).view(B, L, C) if need_x else None
