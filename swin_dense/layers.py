@@ -18,10 +18,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .window import (ChunkGradients, WindowLayout, chunked_window_attention, fold_mask,
-                     merge_windows, padded_size, partition_windows, relative_position_bias,
-                     shift_mask, token_projections_pay, token_window_attention,
-                     tokens_from_windows, window_attention, window_layout, windows_from_tokens)
+from .window import (ChunkGradients, WindowLayout, chunked_window_attention, even_chunks,
+                     fold_mask, merge_windows, padded_size, partition_windows,
+                     relative_position_bias, shift_mask, token_projections_pay,
+                     token_window_attention, tokens_from_windows, window_attention, window_layout,
+                     windows_from_tokens)
 
 #: On CPU (fp32) the attention and the MLP run over chunks of windows / tokens whose widest
 #: intermediate (qkv and probabilities, or the MLP's hidden layer) holds about this many values,
@@ -407,11 +408,6 @@ class _GeluLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias
 
 
-def _chunks(rows: int, step: int):
-    """Slices ``[start, start + step)`` covering ``range(rows)``."""
-    return (slice(start, min(start + step, rows)) for start in range(0, rows, step))
-
-
 class _ChunkedGeluMLP(torch.autograd.Function):
     """``linear(gelu(linear(u, w1, b1)), w2, b2)`` on 2-d rows, a chunk of rows at a time.
 
@@ -426,7 +422,7 @@ class _ChunkedGeluMLP(torch.autograd.Function):
         rows = u.shape[0]
         h = u.new_empty(rows, w1.shape[0])
         out = u.new_empty(rows, w2.shape[0])
-        for c in _chunks(rows, _chunk_rows(w1.shape[0])):
+        for c in even_chunks(rows, _chunk_rows(w1.shape[0])):
             torch.addmm(b1, u[c], w1.t(), out=h[c])
             torch.addmm(b2, F.gelu(h[c]), w2.t(), out=out[c])
         ctx.save_for_backward(u, h, w1, w2)
@@ -438,7 +434,7 @@ class _ChunkedGeluMLP(torch.autograd.Function):
         need_u, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         grad_u = torch.empty_like(u) if need_u else None
         sums = ChunkGradients()
-        for c in _chunks(u.shape[0], _chunk_rows(w1.shape[0])):
+        for c in even_chunks(u.shape[0], _chunk_rows(w1.shape[0])):
             if need_w2:
                 sums.addmm('w2', grad_out[c].t(), F.gelu(h[c]))
             grad_h = torch.ops.aten.gelu_backward(grad_out[c].mm(w2), h[c])
@@ -569,7 +565,7 @@ class SwinBlock(nn.Module):
         """Inference: the same sums over cache-sized chunks (see :data:`CHUNK_NUMEL`)."""
         x = self.attn(self.norm1(x), hw).add_(x)
         rows = x.view(-1, x.shape[-1])  # x is fresh: the MLP adds into it chunk by chunk
-        for c in _chunks(rows.shape[0], _chunk_rows(self.ffn.layers[1].in_features)):
+        for c in even_chunks(rows.shape[0], _chunk_rows(self.ffn.layers[1].in_features)):
             rows[c].add_(self.ffn(self.norm2(rows[c])))
         return x
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +170,11 @@ def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
 
 def _gather_tokens(x: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
     """``x[:, index]``, rows at positions ``zero`` set to 0: ``(B, L, C)`` -> ``(B, I, C)``."""
-    out = x.index_select(1, index)
+    B, L, C = x.shape
+    out = x.new_empty(B, index.numel(), C)  # not a view: autograd lets callers add into it
+    # one gather of rows of the flattened batch: 2-5x faster on the CPU than along dim 1
+    rows = (index + torch.arange(0, B * L, L, device=index.device).view(-1, 1)).view(-1)
+    torch.index_select(x.reshape(B * L, C), 0, rows, out=out.view(-1, C))
     if zero is not None:
         out.index_fill_(1, zero, 0)
     return out
@@ -394,8 +398,16 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
                     proj_bias)
 
 
+def even_chunks(total: int, step: int) -> Iterator[slice]:
+    """Slices covering ``range(total)``: as few as chunks of at most ``step`` allow, of sizes
+    that differ by at most 1 (no short tail: a chunk of a few rows re-reads the weights for
+    little work)."""
+    n = -(-total // step)
+    return (slice(i * total // n, (i + 1) * total // n) for i in range(n))
+
+
 def _window_chunks(num_rows: int, num_windows: int, step: int):
-    """``(rows, windows)`` slices: about ``step`` windows at a time.
+    """``(rows, windows)`` slices: about ``step`` windows at a time (at most ``step``).
 
     ``rows`` indexes the ``B * nW`` windows of the batch, ``windows`` the same windows within
     their image (the rows of the shift mask). A chunk is either a run of one image's
@@ -408,9 +420,8 @@ def _window_chunks(num_rows: int, num_windows: int, step: int):
             yield slice(start, min(start + images, num_rows)), slice(0, num_windows)
         return
     for start in range(0, num_rows, num_windows):
-        for w in range(0, num_windows, step):
-            end = min(w + step, num_windows)
-            yield slice(start + w, start + end), slice(w, end)
+        for wins in even_chunks(num_windows, step):
+            yield slice(start + wins.start, start + wins.stop), wins
 
 
 def fold_mask(bias: Tensor, mask: Optional[Tensor], windows: slice = slice(None)) -> Tensor:

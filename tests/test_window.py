@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from swin_dense.window import (MASK_VALUE, PROB_FLOOR, _attention_probs,
-                               chunked_window_attention, merge_windows, partition_windows,
+                               chunked_window_attention, even_chunks, merge_windows,
+                               partition_windows,
                                relative_position_bias, relative_position_index, shift_mask,
                                token_projections_pay, token_window_attention,
                                tokens_from_windows, window_attention, window_layout,
@@ -223,6 +224,16 @@ def test_chunked_window_attention_equals_autograd(with_mask, batch, chunk):
         torch.testing.assert_close(chunked_window_attention(
             x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, nW, chunk,
             mask), ref)
+
+
+@pytest.mark.parametrize('total, step', [(10, 4), (25088, 2730), (16384, 2730), (64, 49),
+                                         (7, 7), (3, 10), (1, 1), (0, 5)])
+def test_even_chunks_cover_the_range_in_the_fewest_near_equal_chunks(total, step):
+    chunks = list(even_chunks(total, step))
+    assert len(chunks) == -(-total // step)  # as many as chunks of `step` would need
+    assert [i for c in chunks for i in range(total)[c]] == list(range(total))
+    sizes = [c.stop - c.start for c in chunks]
+    assert all(0 < n <= step for n in sizes) and max(sizes, default=0) - min(sizes, default=0) <= 1
 
 
 # a padded map, unshifted and shifted; chunks of part of an image, of whole images
