@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from swin_dense.window import (MASK_VALUE, PROB_FLOOR, _attention_probs,
                                chunked_window_attention, even_chunks, merge_windows,
-                               partition_windows,
-                               relative_position_bias, relative_position_index, shift_mask,
+                               partition_windows, relative_position_bias,
+                               relative_position_index, shift_mask,
                                token_projections_pay, token_window_attention,
                                tokens_from_windows, window_attention, window_layout,
                                windows_from_tokens)
