@@ -409,30 +409,37 @@ class _GeluLinear(torch.autograd.Function):
 
 
 class _ChunkedGeluMLP(torch.autograd.Function):
-    """``linear(gelu(linear(u, w1, b1)), w2, b2)`` on 2-d rows, a chunk of rows at a time.
+    """``linear(gelu(linear(x, w1, b1)), w2, b2)`` over the rows of ``x``, a chunk at a time.
 
-    For CPU training in fp32. Only ``u`` and the hidden pre-activation ``h`` are kept (as the
-    plain formula's autograd would keep them, less the GELU output); every other temporary is
-    chunk-sized, so it stays in cache instead of being fresh pages of a map-sized tensor. Weight
-    gradients are accumulated over the chunks.
+    For CPU training in fp32. Only the input rows ``u`` and the hidden pre-activation ``h`` are
+    kept (as the plain formula's autograd would keep them, less the GELU output); every other
+    temporary is chunk-sized, so it stays in cache instead of being fresh pages of a map-sized
+    tensor. Weight gradients are accumulated over the chunks.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        """``x``: ``(..., C)`` -> ``(..., C_out)``, a fresh tensor (no view of one: callers add
+        the residual into it in place, which on a view costs autograd two map-sized copies)."""
+        u = x.reshape(-1, x.shape[-1])
         rows = u.shape[0]
         h = u.new_empty(rows, w1.shape[0])
-        out = u.new_empty(rows, w2.shape[0])
+        out = u.new_empty(*x.shape[:-1], w2.shape[0])
+        out_rows = out.view(rows, -1)
         for c in even_chunks(rows, _chunk_rows(w1.shape[0])):
             torch.addmm(b1, u[c], w1.t(), out=h[c])
-            torch.addmm(b2, F.gelu(h[c]), w2.t(), out=out[c])
+            torch.addmm(b2, F.gelu(h[c]), w2.t(), out=out_rows[c])
         ctx.save_for_backward(u, h, w1, w2)
+        ctx.shape = x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         u, h, w1, w2 = ctx.saved_tensors
         need_u, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        grad_u = torch.empty_like(u) if need_u else None
+        grad_out = grad_out.reshape(u.shape[0], -1)
+        grad_u = u.new_empty(ctx.shape) if need_u else None
+        grad_rows = grad_u.view(u.shape) if need_u else None
         sums = ChunkGradients()
         for c in even_chunks(u.shape[0], _chunk_rows(w1.shape[0])):
             if need_w2:
@@ -443,7 +450,7 @@ class _ChunkedGeluMLP(torch.autograd.Function):
             if need_b1:
                 sums.add('b1', grad_h.sum(0))
             if need_u:
-                torch.mm(grad_h, w1, out=grad_u[c])
+                torch.mm(grad_h, w1, out=grad_rows[c])
         if need_b2:
             sums.add('b2', grad_out.sum(0))
         return grad_u, sums.get('w1'), sums.get('b1'), sums.get('w2'), sums.get('b2')
@@ -475,9 +482,7 @@ class FFN(nn.Module):
         fused = (plain_gelu and (drop.p == 0 or not self.training)
                  and not torch.compiler.is_compiling())
         if fused and _cpu_fp32(x) and fc1.bias is not None and fc2.bias is not None:
-            out = _ChunkedGeluMLP.apply(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias,
-                                        fc2.weight, fc2.bias)
-            return out.view(*x.shape[:-1], -1)
+            return _ChunkedGeluMLP.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if fused:
             h = fc1(x)
             out = _GeluLinear.apply(h.reshape(-1, h.shape[-1]), fc2.weight, fc2.bias)
