@@ -444,7 +444,8 @@ class _ChunkedGeluMLP(torch.autograd.Function):
         for c in even_chunks(u.shape[0], _chunk_rows(w1.shape[0])):
             if need_w2:
                 sums.addmm('w2', grad_out[c].t(), F.gelu(h[c]))
-            grad_h = torch.ops.aten.gelu_backward(grad_out[c].mm(w2), h[c])
+            grad_h = grad_out[c].mm(w2)  # the GELU's backward in place: one chunk buffer less
+            torch.ops.aten.gelu_backward.grad_input(grad_h, h[c], grad_input=grad_h)
             if need_w1:
                 sums.addmm('w1', grad_h.t(), u[c])
             if need_b1:
