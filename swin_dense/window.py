@@ -6,7 +6,7 @@ token map in one step, its inverse with the crop folded in, the -100 shift mask,
 relative-position index. ``window_attention`` is the attention itself (with the output
 projection); ``chunked_window_attention`` adds the qkv projection and runs a chunk of windows
 at a time, forward (in PyTorch's fused attention kernel) and backward (explicit, recomputing
-the probabilities), for the CPU (see ``layers.CHUNK_NUMEL``); ``token_window_attention`` does
+the probabilities), for the CPU (see ``layers.CHUNK_TOKENS``); ``token_window_attention`` does
 the same from and to the token map with both projections on the tokens, which skips the
 padding slots' rows (CPU training on padded maps).
 

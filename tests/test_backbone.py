@@ -230,8 +230,7 @@ def test_ffn_gelu_recompute_gradients_equal_autograd():
 def test_chunked_mlp_gradients_equal_autograd(monkeypatch):
     """The CPU training MLP (chunked, GELU recomputed) against the formula under autograd."""
     import swin_dense.layers as layers
-    monkeypatch.setattr(layers, 'CHUNK_NUMEL', 1)
-    monkeypatch.setattr(layers, 'CHUNK_MIN_TOKENS', 4)  # 11 rows: chunks of 4, 4, 3
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 4)  # 11 rows: chunks of 3, 4, 4
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, requires_grad=True)
     u = torch.randn(11, 8, **f64)

@@ -209,8 +209,7 @@ def test_autocast_error_equals_mmdet(tmp_path, dtype):
 def test_small_chunks_equal_mmdet(tmp_path, monkeypatch):
     """The CPU paths run the attention and MLP in chunks; many small ones change nothing."""
     import swin_dense.layers as layers
-    monkeypatch.setattr(layers, 'CHUNK_NUMEL', 1)
-    monkeypatch.setattr(layers, 'CHUNK_MIN_TOKENS', 3 * 49)  # 3 windows, 147 rows per chunk
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 3 * 49)  # 3 windows, 147 rows per chunk
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
                                drop_path_rate=0.0)
     assert_same_outputs(peer, ours, (112, 137))
