@@ -233,16 +233,18 @@ def test_chunked_mlp_gradients_equal_autograd(monkeypatch):
     monkeypatch.setattr(layers, 'CHUNK_TOKENS', 4)  # 11 rows: chunks of 3, 4, 4
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, requires_grad=True)
-    u = torch.randn(11, 8, **f64)
     params = (torch.randn(32, 8, **f64), torch.randn(32, **f64), torch.randn(8, 32, **f64),
               torch.randn(8, **f64))
-    out = layers._ChunkedGeluMLP.apply(u, *params)
-    ref = F.linear(F.gelu(F.linear(u, *params[:2])), *params[2:])
-    grad_out = torch.randn_like(out)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(torch.autograd.grad(out, (u, *params), grad_out),
-                    torch.autograd.grad(ref, (u, *params), grad_out)):
-        torch.testing.assert_close(a, b)
+    for shape in [(11, 8), (3, 5, 8)]:  # rows, or (B, L, C) tokens: chunks across images
+        u = torch.randn(shape, **f64)
+        out = layers._ChunkedGeluMLP.apply(u, *params)
+        ref = F.linear(F.gelu(F.linear(u, *params[:2])), *params[2:])
+        grad_out = torch.randn_like(out)
+        torch.testing.assert_close(out, ref)
+        assert out._base is None  # a fresh tensor: the residual is added into it in place
+        for a, b in zip(torch.autograd.grad(out, (u, *params), grad_out),
+                        torch.autograd.grad(ref, (u, *params), grad_out)):
+            torch.testing.assert_close(a, b)
     small = (torch.randn(5, 3, **f64), torch.randn(6, 3, **f64), torch.randn(6, **f64),
              torch.randn(3, 6, **f64), torch.randn(3, **f64))  # finite differences: 2 chunks
     assert torch.autograd.gradcheck(layers._ChunkedGeluMLP.apply, small)
