@@ -28,8 +28,8 @@ from .window import (ChunkGradients, WindowLayout, chunked_window_attention, eve
 #: windows), in inference and in training. Map-sized temporaries are fresh pages for every
 #: block (glibc maps blocks above 32 MiB anew; about half the MLP's time at 800x1344 on a
 #: 2-core CPU); chunk-sized ones are reused by the allocator. Enough rows amortise the weights,
-#: which every chunk re-reads (several MiB in the late stages): on Swin-T's 2-core benchmark,
-#: 8192 tokens beat 2048 by 2-4% per train step at 224 b8 and 512x512, 1% at 800x1344.
+#: which every chunk re-reads (several MiB in the late stages). Measured on Swin-T (window 7)
+#: on a 2-core CPU against 2048 tokens: README, "Chunks and copies".
 CHUNK_TOKENS = 8192
 
 
