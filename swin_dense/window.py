@@ -168,13 +168,20 @@ def relative_position_bias(table: Tensor, window_size: int) -> Tensor:
     return table.index_select(0, index.view(-1)).view(N, N, -1).permute(2, 0, 1).contiguous()
 
 
+def _batch_rows(index: Tensor, batch: int, num_tokens: int) -> Tensor:
+    """``(B, I)``: the rows of a flattened ``(B * L, C)`` batch that ``index`` ``(I,)`` (into
+    one image's ``L = num_tokens`` tokens) picks in each image."""
+    return index + torch.arange(0, batch * num_tokens, num_tokens,
+                                device=index.device).view(-1, 1)
+
+
 def _gather_tokens(x: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
     """``x[:, index]``, rows at positions ``zero`` set to 0: ``(B, L, C)`` -> ``(B, I, C)``."""
     B, L, C = x.shape
     out = x.new_empty(B, index.numel(), C)  # not a view: autograd lets callers add into it
     # one gather of rows of the flattened batch: 2-5x faster on the CPU than along dim 1
-    rows = (index + torch.arange(0, B * L, L, device=index.device).view(-1, 1)).view(-1)
-    torch.index_select(x.reshape(B * L, C), 0, rows, out=out.view(-1, C))
+    torch.index_select(x.reshape(B * L, C), 0, _batch_rows(index, B, L).view(-1),
+                       out=out.view(-1, C))
     if zero is not None:
         out.index_fill_(1, zero, 0)
     return out
@@ -653,8 +660,7 @@ def token_projections_pay(layout: WindowLayout, channels: int) -> bool:
 def _slot_rows(layout: WindowLayout, batch: int, num_tokens: int) -> Tensor:
     """``(B * nW * N,)`` token row (of ``B * L`` rows) of every window slot; the padding slots
     point at one extra row ``B * L``."""
-    index = layout.gather_index.view(1, -1) + torch.arange(
-        0, batch * num_tokens, num_tokens, device=layout.gather_index.device).view(-1, 1)
+    index = _batch_rows(layout.gather_index, batch, num_tokens)
     if layout.pad_slots is not None:
         index[:, layout.pad_slots] = batch * num_tokens
     return index.view(-1)
