@@ -4,7 +4,8 @@ Importing the package registers ``SwinBackbone`` in mmengine's root model regist
 mmdet and mmseg registries fall back to, so ``backbone=dict(type='SwinBackbone', ...)`` builds
 under either default scope. It imports torch and mmengine only (no mmcv, mmdet or mmseg).
 """
-from .backbone import ARCH_SETTINGS, FeatureSpec, SwinBackbone
+from .arch import ARCH_SETTINGS, FeatureSpec
+from .backbone import SwinBackbone
 
 __version__ = '0.1.0'
 __all__ = ['ARCH_SETTINGS', 'FeatureSpec', 'SwinBackbone', '__version__']

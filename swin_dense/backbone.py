@@ -7,7 +7,6 @@ meanings and defaults, same parameter names, same outputs to the last digit (see
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,26 +18,8 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
+from .arch import FeatureSpec, int_tuple, resolve_arch
 from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm, tokens_to_nchw
-
-#: embed_dims, depths, num_heads of the published variants (Liu et al. 2021, Table 1).
-ARCH_SETTINGS = {
-    'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    'large': dict(embed_dims=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-}
-_ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large'}
-_DEFAULT_SHAPE = ARCH_SETTINGS['tiny']
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One output of the backbone: its channels and its stride relative to the input image."""
-
-    channels: int
-    stride: int
-
 
 def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
     if isinstance(value, int):
@@ -129,7 +110,7 @@ class SwinBackbone(BaseModule):
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
 
-        embed_dims, depths, num_heads = _resolve_arch(arch, embed_dims, depths, num_heads)
+        embed_dims, depths, num_heads = resolve_arch(arch, embed_dims, depths, num_heads)
         _check_arguments(embed_dims, patch_size, window_size, depths, num_heads, strides,
                          out_indices, frozen_stages, in_channels, mlp_ratio,
                          rates=dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
@@ -346,30 +327,6 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _int_tuple(value, name: str) -> tuple:
-    """A list/tuple argument as a tuple; a clear TypeError for anything else (e.g. an int)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f'{name} must be a list or tuple of ints (one per stage), got {value!r}')
-    return tuple(value)
-
-
-def _resolve_arch(arch: Optional[str], embed_dims: int, depths: Sequence[int],
-                  num_heads: Sequence[int]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """Apply the ``arch`` shorthand; explicit non-default values must agree with it."""
-    depths, num_heads = _int_tuple(depths, 'depths'), _int_tuple(num_heads, 'num_heads')
-    if arch is None:
-        return embed_dims, depths, num_heads
-    if not isinstance(arch, str) or _ARCH_ALIASES.get(arch.lower(), arch.lower()) not in ARCH_SETTINGS:
-        raise ValueError(f'arch must be one of {sorted(ARCH_SETTINGS)} (or t/s/b/l), got {arch!r}')
-    setting = ARCH_SETTINGS[_ARCH_ALIASES.get(arch.lower(), arch.lower())]
-    given = dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads)
-    for key, value in given.items():
-        if value != _DEFAULT_SHAPE[key] and value != setting[key]:
-            raise ValueError(f'arch={arch!r} sets {key}={setting[key]}, but {key}={value} was also '
-                             'given; drop one of them')
-    return setting['embed_dims'], setting['depths'], setting['num_heads']
-
-
 def _check_arguments(embed_dims: int, patch_size: int, window_size: int, depths: Sequence[int],
                      num_heads: Sequence[int], strides: Sequence[int], out_indices: Sequence[int],
                      frozen_stages: int, in_channels: int, mlp_ratio: float,
@@ -385,8 +342,8 @@ def _check_arguments(embed_dims: int, patch_size: int, window_size: int, depths:
                             f'got {value!r}')
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)):
         raise TypeError(f'mlp_ratio must be a number, got {mlp_ratio!r}')
-    out_indices = _int_tuple(out_indices, 'out_indices')
-    strides = _int_tuple(strides, 'strides')
+    out_indices = int_tuple(out_indices, 'out_indices')
+    strides = int_tuple(strides, 'strides')
     def positive_int(value, name):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f'{name} must be a positive int, got {value!r}')

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from .backbone import ARCH_SETTINGS
+from .arch import ARCH_SETTINGS
 
 __all__ = [
     'FORMATS', 'LoadReport', 'UnsafeCheckpointError', 'checkpoint_filter_fn', 'convert_checkpoint',
