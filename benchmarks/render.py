@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""Turn the benchmark results (``benchmarks/results/*.json``) into the tables of the docs.
+
+    python benchmarks/render.py            # rewrite the marked blocks of README.md and
+                                           # docs/performance.md from the JSON files
+    python benchmarks/render.py --check    # exit 1 when those blocks are out of date
+
+Each target file holds a block between ``<!-- results:NAME:begin -->`` and
+``<!-- results:NAME:end -->``; only the text between the markers is rewritten, so the rendered
+text is reproducible from the JSON files alone. The schema of a results file is described in
+docs/performance.md ("Results as data"). Exit status: 0 done / up to date, 1 out of date
+(``--check``), 2 a results file or a target file is malformed (the message says which and why).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+SCHEMA_VERSION = 1
+MODES = {'infer': 'inference', 'train': 'train step'}
+AMPS = (None, 'fp16', 'bf16')
+PRECISION = {None: 'fp32', 'fp16': 'fp16', 'bf16': 'bf16'}
+# A given speed-up or memory ratio may differ from the one computed from the figures beside it
+# by rounding only (tables give times to 3 digits and ratios from the unrounded medians).
+RATIO_TOLERANCE = 0.03
+DATE = re.compile(r'^\d{4}-\d{2}-\d{2}$')
+
+
+class SchemaError(ValueError):
+    """A results file does not follow the schema; the message names the file and the field."""
+
+
+class MarkerError(ValueError):
+    """A target file lacks the begin/end markers of its rendered block."""
+
+
+@dataclass
+class Result:
+    """One results file, validated; ``cases`` carry ``speedup`` and ``memory_ratio`` filled in."""
+
+    path: Path
+    data: dict
+
+    @property
+    def device_kind(self) -> str:
+        return 'cuda' if self.data['machine'].get('gpu') else 'cpu'
+
+    @property
+    def amp(self) -> Optional[str]:
+        return self.data['amp']
+
+    @property
+    def label(self) -> str:
+        machine = self.data['machine']
+        return machine.get('label') or ('GPU' if machine.get('gpu') else 'CPU')
+
+    @property
+    def column(self) -> str:
+        """Short name of the run: machine label and precision, e.g. ``H100 fp16``."""
+        return f'{self.label} {PRECISION[self.amp]}'
+
+    @property
+    def in_summary(self) -> bool:
+        return self.data.get('summary', True)
+
+
+# =====================================================================================
+# Reading and validating
+# =====================================================================================
+def _fail(where: str, message: str) -> SchemaError:
+    return SchemaError(f'{where}: {message} (the schema is in docs/performance.md, '
+                       '"Results as data")')
+
+
+def _number(value: Any, where: str, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(where, f'must be a number, got {value!r}')
+    if positive and not value > 0:
+        raise _fail(where, f'must be > 0, got {value!r}')
+    return float(value)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f'must be a non-empty string, got {value!r}')
+    return value
+
+
+def _check_ratio(given: Any, computed: float, where: str, what: str) -> float:
+    given = _number(given, where)
+    if abs(given - computed) > RATIO_TOLERANCE * computed:
+        raise _fail(where, f'{given} disagrees with {what} = {computed:.3f}')
+    return given
+
+
+def _validate_case(case: Any, where: str) -> dict:
+    if not isinstance(case, dict):
+        raise _fail(where, f'must be an object, got {case!r}')
+    for key in ('case', 'mode', 'mmdet_s', 'ours_s'):
+        if key not in case:
+            raise _fail(where, f"lacks the required key '{key}'")
+    out = dict(case)
+    _text(case['case'], f'{where}.case')
+    if case['mode'] not in MODES:
+        raise _fail(f'{where}.mode', f'must be one of {sorted(MODES)}, got {case["mode"]!r}')
+    mmdet = _number(case['mmdet_s'], f'{where}.mmdet_s')
+    ours = _number(case['ours_s'], f'{where}.ours_s')
+    computed = mmdet / ours
+    out['speedup'] = (_check_ratio(case['speedup'], computed, f'{where}.speedup',
+                                   'mmdet_s / ours_s')
+                      if case.get('speedup') is not None else computed)
+    has_mib = case.get('mmdet_mib') is not None or case.get('ours_mib') is not None
+    if has_mib:
+        mm_mib = _number(case.get('mmdet_mib'), f'{where}.mmdet_mib')
+        ours_mib = _number(case.get('ours_mib'), f'{where}.ours_mib')
+        mem = ours_mib / mm_mib
+        out['memory_ratio'] = (_check_ratio(case['memory_ratio'], mem, f'{where}.memory_ratio',
+                                            'ours_mib / mmdet_mib')
+                               if case.get('memory_ratio') is not None else mem)
+    elif case.get('memory_ratio') is not None:
+        out['memory_ratio'] = _number(case['memory_ratio'], f'{where}.memory_ratio')
+    if case.get('max_abs_diff') is not None:
+        _number(case['max_abs_diff'], f'{where}.max_abs_diff', positive=False)
+    return out
+
+
+def validate(data: Any, where: str) -> dict:
+    """Check one parsed results file against the schema; return it with derived ratios added.
+
+    Raises:
+        SchemaError: naming ``where`` (the file), the field and what is wrong.
+    """
+    if not isinstance(data, dict):
+        raise _fail(where, f'the top level must be an object, got {type(data).__name__}')
+    required = ('schema', 'date', 'commit', 'command', 'machine', 'torch', 'threads', 'amp',
+                'cases')
+    for key in required:
+        if key not in data:
+            raise _fail(where, f"lacks the required key '{key}'")
+    if data['schema'] != SCHEMA_VERSION:
+        raise _fail(f'{where}: schema', f'must be {SCHEMA_VERSION}, got {data["schema"]!r}')
+    if not isinstance(data['date'], str) or not DATE.match(data['date']):
+        raise _fail(f'{where}: date', f'must be YYYY-MM-DD, got {data["date"]!r}')
+    for key in ('commit', 'command', 'torch'):
+        _text(data[key], f'{where}: {key}')
+    machine = data['machine']
+    if not isinstance(machine, dict):
+        raise _fail(f'{where}: machine', f'must be an object, got {machine!r}')
+    _text(machine.get('cpu'), f'{where}: machine.cpu')
+    if machine.get('gpu') is not None:
+        _text(machine['gpu'], f'{where}: machine.gpu')
+    threads = data['threads']
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise _fail(f'{where}: threads', f'must be a positive int or null, got {threads!r}')
+    if data['amp'] not in AMPS:
+        raise _fail(f'{where}: amp', f'must be null, "fp16" or "bf16", got {data["amp"]!r}')
+    if 'summary' in data and not isinstance(data['summary'], bool):
+        raise _fail(f'{where}: summary', f'must be true or false, got {data["summary"]!r}')
+    notes = data.get('notes', [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise _fail(f'{where}: notes', 'must be a list of strings')
+    if data.get('gemm_gflops') is not None:
+        _number(data['gemm_gflops'], f'{where}: gemm_gflops')
+    scaling = data.get('scaling_1024_over_512')
+    if scaling is not None:
+        if not isinstance(scaling, dict) or set(scaling) != {'mmdet', 'ours'}:
+            raise _fail(f'{where}: scaling_1024_over_512',
+                        f'must be {{"mmdet": number, "ours": number}}, got {scaling!r}')
+        for key, value in scaling.items():
+            _number(value, f'{where}: scaling_1024_over_512.{key}')
+    cases = data['cases']
+    if not isinstance(cases, list) or not cases:
+        raise _fail(f'{where}: cases', 'must be a non-empty list')
+    out = dict(data)
+    out['cases'] = [_validate_case(c, f'{where}: cases[{i}]') for i, c in enumerate(cases)]
+    seen = set()
+    for i, c in enumerate(out['cases']):
+        key = (c['case'], c['mode'])
+        if key in seen:
+            raise _fail(f'{where}: cases[{i}]', f'repeats case {c["case"]!r} mode {c["mode"]!r}')
+        seen.add(key)
+    return out
+
+
+def load_results(results_dir: Path) -> list[Result]:
+    """Every ``*.json`` under ``results_dir``, validated, in file-name order."""
+    paths = sorted(results_dir.glob('*.json'))
+    if not paths:
+        raise SchemaError(f'no results files (*.json) in {results_dir}')
+    results = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding='utf-8'))
+        except json.JSONDecodeError as e:
+            raise SchemaError(f'{path}: not valid JSON: {e}') from e
+        results.append(Result(path, validate(data, str(path))))
+    return results
+
+
+# =====================================================================================
+# Rendering (pure: results -> text)
+# =====================================================================================
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    if ms >= 100:
+        return f'{ms:.0f}'
+    if ms >= 10:
+        return f'{ms:.1f}'
+    return f'{ms:.2f}'
+
+
+def _speedup(case: dict) -> str:
+    return f'{case["speedup"]:.2f}x'
+
+
+def _memory(case: dict) -> str:
+    if case.get('memory_ratio') is None:
+        return ''
+    if case.get('mmdet_mib') is not None:
+        return f'{case["memory_ratio"]:.2f} ({case["ours_mib"]:.0f} / {case["mmdet_mib"]:.0f} MiB)'
+    return f'{case["memory_ratio"]:.2f}'
+
+
+def _diff(case: dict) -> str:
+    if case.get('max_abs_diff') is None:
+        return ''
+    mantissa, exponent = f'{case["max_abs_diff"]:.1e}'.split('e')
+    return f'{mantissa}e{int(exponent)}'
+
+
+def _rate(gflops: float) -> str:
+    return f'{gflops / 1000:.1f} TFLOP/s' if gflops >= 1000 else f'{gflops:.0f} GFLOP/s'
+
+
+def _order(result: Result) -> tuple:
+    """CPU before GPU, fp32 before fp16 before bf16, summary runs before the others."""
+    return (result.device_kind != 'cpu', AMPS.index(result.amp), not result.in_summary,
+            result.path.name)
+
+
+def _machine_line(result: Result) -> str:
+    d = result.data
+    machine = d['machine']
+    if machine.get('gpu'):
+        parts = [machine['gpu'], f'host CPU: {machine["cpu"]}']
+    else:
+        parts = [f'CPU: {machine["cpu"]}']
+    if machine.get('notes'):
+        parts.append(machine['notes'])
+    parts.append(f'torch {d["torch"]}')
+    if d['threads']:
+        parts.append(f'{d["threads"]} threads')
+    parts.append(f'Swin-{str(d.get("arch", "tiny"))[0].upper()}')
+    if d.get('gemm_gflops'):
+        dtype = d.get('gemm_dtype', 'float32')
+        parts.append(f'{dtype} GEMM {_rate(d["gemm_gflops"])} in the same run')
+    return '; '.join(parts)
+
+
+def _command(command: str) -> str:
+    if command.split(' ', 1)[0] in ('python', 'bash', 'torchrun'):
+        return f'Command: `{command}`.'
+    return f'Method: {command}.'
+
+
+def render_tables(results: list[Result]) -> str:
+    """Every results file as a section of docs/performance.md."""
+    lines: list[str] = []
+    for result in sorted(results, key=_order):
+        d = result.data
+        title = result.column + (f', {d["title"]}' if d.get('title') else '')
+        lines += [f'### {title} ({d["date"]}, commit `{d["commit"]}`)', '',
+                  f'{_machine_line(result)}.', '',
+                  f'{_command(d["command"])} Data: `benchmarks/results/{result.path.name}`.', '',
+                  '| case | mode | mmdet ms | ours ms | speed-up | peak memory ours / mmdet '
+                  '| max abs diff |',
+                  '|---|---|---|---|---|---|---|']
+        for c in d['cases']:
+            lines.append(f'| {c["case"]} | {MODES[c["mode"]]} | {_ms(c["mmdet_s"])} | '
+                         f'{_ms(c["ours_s"])} | {_speedup(c)} | {_memory(c)} | {_diff(c)} |')
+        lines.append('')
+        scaling = d.get('scaling_1024_over_512')
+        if scaling:
+            lines += [f'time(1024x1024) / time(512x512), inference: mmdet {scaling["mmdet"]:.2f}, '
+                      f'ours {scaling["ours"]:.2f} (a cost linear in the pixels gives 4.0).', '']
+        for note in d.get('notes', []):
+            lines += [f'- {note}']
+        if d.get('notes'):
+            lines.append('')
+    return '\n'.join(lines).rstrip('\n')
+
+
+def summary_results(results: list[Result]) -> list[Result]:
+    """The newest summary run of each device kind and precision, in column order."""
+    newest: dict[tuple, Result] = {}
+    for result in results:
+        if not result.in_summary:
+            continue
+        key = (result.device_kind, result.amp)
+        best = newest.get(key)
+        if best is None or (result.data['date'], result.path.name) > \
+                (best.data['date'], best.path.name):
+            newest[key] = result
+    return sorted(newest.values(), key=_order)
+
+
+def render_summary(results: list[Result]) -> str:
+    """The README's table: speed-up and memory ratio per case of each current run."""
+    columns = summary_results(results)
+    if not columns:
+        raise SchemaError('no results file is marked for the summary (all have "summary": false)')
+    rows: list[tuple[str, str]] = []
+    for result in columns:
+        for c in result.data['cases']:
+            if (c['case'], c['mode']) not in rows:
+                rows.append((c['case'], c['mode']))
+    lines = ['| case | mode | ' + ' | '.join(r.column for r in columns) + ' |',
+             '|---|---|' + '---|' * len(columns)]
+    for case, mode in rows:
+        cells = []
+        for result in columns:
+            c = next((c for c in result.data['cases']
+                      if (c['case'], c['mode']) == (case, mode)), None)
+            if c is None:
+                cells.append('-')
+            elif c.get('memory_ratio') is not None:
+                cells.append(f'{_speedup(c)} ({c["memory_ratio"]:.2f})')
+            else:
+                cells.append(_speedup(c))
+        lines.append(f'| {case} | {MODES[mode]} | ' + ' | '.join(cells) + ' |')
+    lines += ['', "Speed-up: mmdet's time over ours (higher is better); in brackets: peak memory, "
+              "ours over mmdet's (lower is better). Swin-T, the same weights in both. Measured:"]
+    groups: dict[tuple, list[Result]] = {}  # runs on the same machine and day share a line
+    for result in columns:
+        d = result.data
+        machine = d['machine']
+        where = machine['gpu'] if machine.get('gpu') else machine['cpu']
+        threads = f', {d["threads"]} threads' if d['threads'] else ''
+        groups.setdefault((result.label, d['date'], where, d['torch'], threads), []).append(result)
+    for (label, date, where, torch_version, threads), runs in groups.items():
+        commits = [r.data['commit'] for r in runs]
+        if len(set(commits)) == 1:
+            which = ', '.join(PRECISION[r.amp] for r in runs) + f' (commit `{commits[0]}`)'
+        else:
+            which = ', '.join(f'{PRECISION[r.amp]} (commit `{r.data["commit"]}`)' for r in runs)
+        lines.append(f'- {label} {which}: {date}, {where}, torch {torch_version}{threads}.')
+    return '\n'.join(lines)
+
+
+#: target file (relative to the repository root) -> (block name, renderer)
+TARGETS: dict[str, tuple[str, Callable[[list[Result]], str]]] = {
+    'README.md': ('summary', render_summary),
+    'docs/performance.md': ('tables', render_tables),
+}
+
+
+def replace_block(text: str, name: str, body: str, where: str) -> str:
+    """``text`` with the lines between the ``results:NAME`` markers replaced by ``body``."""
+    begin, end = f'<!-- results:{name}:begin -->', f'<!-- results:{name}:end -->'
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise MarkerError(f'{where}: needs exactly one line {begin} followed later by one line '
+                          f'{end}; the rendered block goes between them')
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    note = '<!-- rendered by benchmarks/render.py from benchmarks/results/*.json: edit those -->'
+    return f'{head}{begin}\n{note}\n{body}\n{end}{tail}'
+
+
+def render_all(root: Path, results_dir: Optional[Path] = None) -> dict[Path, tuple[str, str]]:
+    """``{target path: (current text, rendered text)}`` for every target file under ``root``."""
+    results = load_results(results_dir or root / 'benchmarks' / 'results')
+    out = {}
+    for rel, (name, renderer) in TARGETS.items():
+        path = root / rel
+        if not path.is_file():
+            raise MarkerError(f'{path}: target file not found (run from the repository, or pass '
+                              '--root)')
+        text = path.read_text(encoding='utf-8')
+        out[path] = (text, replace_block(text, name, renderer(results), str(path)))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--check', action='store_true',
+                        help='change nothing; exit 1 when a rendered block is out of date')
+    parser.add_argument('--root', type=Path, default=Path(__file__).resolve().parent.parent,
+                        help='repository root holding README.md and docs/ (default: this one)')
+    parser.add_argument('--results', type=Path, default=None,
+                        help='results directory (default: ROOT/benchmarks/results)')
+    args = parser.parse_args(argv)
+    try:
+        rendered = render_all(args.root, args.results)
+    except (SchemaError, MarkerError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    stale = [path for path, (old, new) in rendered.items() if old != new]
+    if args.check:
+        for path in stale:
+            print(f'{path}: out of date with the results; run python benchmarks/render.py',
+                  file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(rendered[path][1], encoding='utf-8')
+        print(f'rewrote {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
