@@ -14,7 +14,7 @@ from mmengine.config import Config  # noqa: E402
 import mmdet  # noqa: E402
 from swin_dense.demo_data import COCO_DEMO_CLASSES  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs' / 'mask_rcnn'
 MMDET_SWIN = Path(os.path.dirname(mmdet.__file__)) / '.mim' / 'configs' / 'swin'
 OFFICIAL = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
