@@ -235,3 +235,22 @@ def test_backbone_has_the_reference_parameters_and_optimizer_settings(loaded, na
     if 'relative_position_bias_table' in custom_keys:  # Mask2Former: no decay on these, norms
         assert all(ours_settings[n][1] == 0 for n in ours_settings
                    if 'relative_position_bias_table' in n or '.norm' in n)
+
+
+def test_retinanet_backbone_parameters_all_reach_the_loss():
+    """RetinaNet's FPN reads stages 2-4 (out_indices=(1, 2, 3), start_level=0): every backbone
+    parameter that trains must get a gradient, or distributed training stops on unused
+    parameters. (A norm on a stage output that FPN skips would be one; none is built.)"""
+    import torch
+
+    cfg = Config.fromfile(str(CONFIGS / 'retinanet' / 'swin_t_coco.py'))
+    models = _backbone_registry('mmdet')
+    torch.manual_seed(0)
+    backbone = models.build(dict(cfg.model.backbone, init_cfg=None))
+    neck = models.build(cfg.model.neck)
+    outs = neck(backbone(torch.randn(1, 3, 64, 64)))
+    assert len(outs) == cfg.model.neck.num_outs
+    sum(out.mean() for out in outs).backward()
+    trained = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    assert trained and [n for n in trained if backbone.get_parameter(n).grad is None] == []
+    assert not any(n.startswith('norm0.') for n in trained)  # stage 1's output is not built
