@@ -2,7 +2,7 @@
 # paper's 3x recipe: swin_t_coco_3x.py with the backbone of the official detection repository's
 #   configs/swin/cascade_mask_rcnn_swin_base_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py
 # (ImageNet-1K 224 weights, drop path 0.3; the rest of that file equals the Swin-T one).
-# Expected (official repo README and paper, Table 2): box AP 51.9 / mask AP 45.0.
+# Expected (official detection repo README): box AP 51.9 / mask AP 45.0.
 _base_ = ['./swin_t_coco_3x.py']
 
 # https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_base_patch4_window7_224.pth

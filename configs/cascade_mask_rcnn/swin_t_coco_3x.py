@@ -7,7 +7,7 @@
 # and its bases (_base_/models/cascade_mask_rcnn_swin_fpn.py, _base_/datasets/coco_instance.py,
 # _base_/schedules/schedule_1x.py, _base_/default_runtime.py). mmdet 3.x has no such config;
 # this one starts from mmdet's Cascade Mask R-CNN R-50 1x and changes what the recipe says.
-# Expected (official repo README): box AP 50.4 / mask AP 43.7 (paper, Table 2: 50.5 / 43.7).
+# Expected (official detection repo README): box AP 50.4 / mask AP 43.7.
 _base_ = ['mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py']
 custom_imports = dict(imports=['swin_dense'], allow_failed_imports=False)
 
