@@ -19,7 +19,7 @@ from mmengine.config import Config  # noqa: E402
 import swin_dense  # noqa: E402,F401  (registers SwinBackbone)
 from swin_dense.demo_data import ADE_DEMO_CLASSES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs' / 'upernet'
 MMSEG_SWIN = Path(__import__('mmseg').__file__).parent / '.mim' / 'configs' / 'swin'
 
@@ -32,12 +32,24 @@ PAIRS = {
         'swin-base-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
     'swin_b_ade20k_w12.py':
         'swin-base-patch4-window12-in1k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    'swin_b_ade20k_in22k.py':
+        'swin-base-patch4-window7-in22k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    'swin_b_ade20k_w12_in22k.py':
+        'swin-base-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    'swin_l_ade20k_in22k.py':
+        'swin-large-patch4-window7-in22k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    'swin_l_ade20k_w12_in22k.py':
+        'swin-large-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py',
 }
 EXPECTED_ARCH = {  # embed_dims, depths, num_heads, window_size, pretrain_img_size
     'swin_t_ade20k.py': (96, [2, 2, 6, 2], [3, 6, 12, 24], 7, 224),
     'swin_s_ade20k.py': (96, [2, 2, 18, 2], [3, 6, 12, 24], 7, 224),
     'swin_b_ade20k.py': (128, [2, 2, 18, 2], [4, 8, 16, 32], 7, 224),
     'swin_b_ade20k_w12.py': (128, [2, 2, 18, 2], [4, 8, 16, 32], 12, 384),
+    'swin_b_ade20k_in22k.py': (128, [2, 2, 18, 2], [4, 8, 16, 32], 7, 224),
+    'swin_b_ade20k_w12_in22k.py': (128, [2, 2, 18, 2], [4, 8, 16, 32], 12, 384),
+    'swin_l_ade20k_in22k.py': (192, [2, 2, 18, 2], [6, 12, 24, 48], 7, 224),
+    'swin_l_ade20k_w12_in22k.py': (192, [2, 2, 18, 2], [6, 12, 24, 48], 12, 384),
 }
 # Top-level entries that name where weights come from or what to import, nothing else.
 WEIGHT_KEYS = ('checkpoint_file', 'pretrained', 'custom_imports')
@@ -110,10 +122,15 @@ def test_weights_come_from_a_local_file(loaded, name):
     assert checkpoint.startswith('checkpoints/')
     assert ours['checkpoint_file'] == checkpoint  # no stale URL left in the dumped config
     assert ref['model']['backbone']['init_cfg']['checkpoint'].startswith('https://')
-    embed_dims, _, _, window, pretrain = EXPECTED_ARCH[name]
-    assert f'window{window}_{pretrain}' in checkpoint
-    assert {96: ('tiny', 'small'), 128: ('base',)}[embed_dims][-1] in checkpoint or \
-        'tiny' in checkpoint
+    embed_dims, depths, _, window, pretrain = EXPECTED_ARCH[name]
+    size = {96: 'tiny' if depths[2] == 6 else 'small', 128: 'base', 192: 'large'}[embed_dims]
+    pretraining = '_22k' if name.endswith('_in22k.py') else ''
+    # the official file of this size, window, image size and pretraining data
+    assert os.path.basename(checkpoint) == \
+        f'swin_{size}_patch4_window{window}_{pretrain}{pretraining}.pth'
+    # the reference reads the same weights, converted to mmseg's layout by OpenMMLab
+    ref_file = os.path.basename(ref['model']['backbone']['init_cfg']['checkpoint'])
+    assert ref_file.startswith(os.path.basename(checkpoint)[:-len('.pth')] + '_20')
 
 
 @pytest.mark.parametrize('name', sorted(PAIRS))
@@ -157,7 +174,7 @@ def test_backbone_parameter_count_equals_mmsegs(loaded, name):
     n_ours, n_ref = _count(ours_model), _count(SwinTransformer(**ref_cfg))
     assert n_ours == n_ref
     expected_millions = {96: (27, 29) if ours_cfg['depths'][2] == 6 else (48, 50),
-                         128: (86, 88)}[ours_cfg['embed_dims']]
+                         128: (86, 88), 192: (194, 196)}[ours_cfg['embed_dims']]
     assert expected_millions[0] * 1e6 < n_ours < expected_millions[1] * 1e6
 
 
