@@ -81,14 +81,20 @@ def export(module: nn.Module, example: Tensor, path: str) -> Optional[str]:
     return None
 
 
-def session(path: str, threads: int):
+def session(path: str, threads: int, spinning: bool = True):
     """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads (one inter-op
-    thread: the graph is one chain)."""
+    thread: the graph is one chain).
+
+    ``spinning=False`` stops its threads from busy-waiting after each run (onnxruntime's
+    default is to spin): a session that shares its process with the eager models must not take
+    their cores while they are timed."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 

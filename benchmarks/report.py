@@ -55,6 +55,8 @@ def method_text(args: argparse.Namespace) -> str:
     if args.in_process:
         text = (f'both backbones{" and onnxruntime" if args.onnx else ""} in one process, '
                 f'alternated ({order}), median of {repeats} after {warmup} each')
+        if args.onnx:
+            text += " (onnxruntime's threads told not to spin between runs)"
     else:
         text = (f'separate processes, alternated ({order}), {_count(args.rounds, "round")}: '
                 f'each process builds one backbone, runs {warmup} and times {repeats}; a '
@@ -92,7 +94,8 @@ def prepare_onnx(results: dict, model: torch.nn.Module, tmp: str, files: dict):
     session = None
     if error is None:
         try:
-            session = onnx_rows.session(path, threads)
+            # shares this process with the eager models (diffs, --in-process timing)
+            session = onnx_rows.session(path, threads, spinning=False)
         except Exception as failure:  # a file onnxruntime rejects: no rows, the reason kept
             error = f'onnxruntime could not load the exported model ({failure})'
     if error is not None:

@@ -292,7 +292,7 @@ def _sig(value: float, digits: int = 5) -> float:
 
 
 def measure(args: argparse.Namespace, case: str, mode: str, models: dict[str, torch.nn.Module],
-            files: dict[str, str], onnx_session, gemm: float, diffs: dict[str, float]) -> dict:
+            files: dict[str, str], onnx_session, gemm: float, diffs: dict) -> dict:
     """One row of the results: times, FLOPs and the bound, memory, differences."""
     batch, h, w = parse_case(case)
     x = case_input(batch, h, w, args.device)
