@@ -1,7 +1,7 @@
 """Speed and memory of SwinBackbone against mmdet's SwinTransformer, measured as users run them.
 
-    python tools/benchmark.py                    # CPU, fp32: the table, then the JSON
-    python tools/benchmark.py --save             # also benchmarks/results/DATE_DEVICE_PRECISION_COMMIT.json
+    python tools/benchmark.py            # CPU, fp32: the table, then the JSON
+    python tools/benchmark.py --save     # and benchmarks/results/DATE_DEVICE_PRECISION_COMMIT.json
     python tools/benchmark.py --device cuda --amp fp16 --in-process
 
 Headline method: each backbone alone in its own process, as a user runs it. For each case and
@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import onnx_rows  # noqa: E402
-from benchmarks.machine import header_lines, machine_record, torch_build  # noqa: E402
+from benchmarks.machine import machine_record, torch_build  # noqa: E402
 from benchmarks.memory import cuda_peak_growth_mib, peak_memory_in_this_process  # noqa: E402
 from benchmarks.padding import backbone_flops  # noqa: E402
 
