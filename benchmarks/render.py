@@ -98,6 +98,44 @@ def _check_ratio(given: Any, computed: float, where: str, what: str) -> float:
     return given
 
 
+def _range(value: Any, median: Any, where: str, median_key: str) -> None:
+    """``[min, max]`` over rounds, around the median given beside it."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _fail(where, f'must be [min, max], got {value!r}')
+    low, high = (_number(v, where) for v in value)
+    if median is None:
+        raise _fail(where, f"is given without '{median_key}'")
+    if not low <= median <= high:
+        raise _fail(where, f'[{low}, {high}] does not hold {median_key} = {median}')
+
+
+def _validate_extras(case: dict, where: str) -> None:
+    """The optional figures: ranges over rounds, onnxruntime, padding, bound, one process."""
+    if case.get('onnx_s') is not None:
+        _number(case['onnx_s'], f'{where}.onnx_s')
+    for impl in ('mmdet', 'ours', 'onnx'):
+        if case.get(f'{impl}_s_range') is not None:
+            _range(case[f'{impl}_s_range'], case.get(f'{impl}_s'), f'{where}.{impl}_s_range',
+                   f'{impl}_s')
+    for key in ('gflop', 'bound_s'):
+        if case.get(key) is not None:
+            _number(case[key], f'{where}.{key}')
+    share = case.get('padding_share')
+    if share is not None and not 0 <= _number(share, f'{where}.padding_share',
+                                              positive=False) < 1:
+        raise _fail(f'{where}.padding_share', f'must be in [0, 1), got {share!r}')
+    one = case.get('one_process')
+    if one is not None:
+        if not isinstance(one, dict) or 'mmdet_s' not in one or 'ours_s' not in one:
+            raise _fail(f'{where}.one_process', f'must be {{"mmdet_s": s, "ours_s": s}}, got '
+                        f'{one!r}')
+        computed = (_number(one['mmdet_s'], f'{where}.one_process.mmdet_s')
+                    / _number(one['ours_s'], f'{where}.one_process.ours_s'))
+        if one.get('speedup') is not None:
+            _check_ratio(one['speedup'], computed, f'{where}.one_process.speedup',
+                         'mmdet_s / ours_s')
+
+
 def _validate_case(case: Any, where: str) -> dict:
     if not isinstance(case, dict):
         raise _fail(where, f'must be an object, got {case!r}')
@@ -124,9 +162,24 @@ def _validate_case(case: Any, where: str) -> dict:
                                if case.get('memory_ratio') is not None else mem)
     elif case.get('memory_ratio') is not None:
         out['memory_ratio'] = _number(case['memory_ratio'], f'{where}.memory_ratio')
-    if case.get('max_abs_diff') is not None:
-        _number(case['max_abs_diff'], f'{where}.max_abs_diff', positive=False)
+    for key in ('max_abs_diff', 'onnx_max_abs_diff'):
+        if case.get(key) is not None:
+            _number(case[key], f'{where}.{key}', positive=False)
+    _validate_extras(case, where)
     return out
+
+
+def _validate_machine_extras(machine: dict, where: str) -> None:
+    flags = machine.get('cpu_flags')
+    if flags is not None and (not isinstance(flags, list)
+                              or not all(isinstance(f, str) for f in flags)):
+        raise _fail(f'{where}.cpu_flags', f'must be a list of strings, got {flags!r}')
+    caches = machine.get('caches_kib')
+    if caches is not None:
+        if not isinstance(caches, dict):
+            raise _fail(f'{where}.caches_kib', f'must be an object, got {caches!r}')
+        for name, kib in caches.items():
+            _number(kib, f'{where}.caches_kib.{name}')
 
 
 def validate(data: Any, where: str) -> dict:
@@ -154,6 +207,20 @@ def validate(data: Any, where: str) -> dict:
     _text(machine.get('cpu'), f'{where}: machine.cpu')
     if machine.get('gpu') is not None:
         _text(machine['gpu'], f'{where}: machine.gpu')
+    _validate_machine_extras(machine, f'{where}: machine')
+    if data.get('method') is not None:
+        _text(data['method'], f'{where}: method')
+    rounds = data.get('rounds')
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                               or rounds < 1):
+        raise _fail(f'{where}: rounds', f'must be a positive int or null, got {rounds!r}')
+    onnx = data.get('onnxruntime')
+    if onnx is not None:
+        if not isinstance(onnx, dict):
+            raise _fail(f'{where}: onnxruntime', f'must be an object, got {onnx!r}')
+        _number(onnx.get('threads'), f'{where}: onnxruntime.threads')
+        if onnx.get('error') is not None:
+            _text(onnx['error'], f'{where}: onnxruntime.error')
     threads = data['threads']
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
@@ -251,15 +318,25 @@ def _machine_line(result: Result) -> str:
         parts = [machine['gpu'], f'host CPU: {machine["cpu"]}']
     else:
         parts = [f'CPU: {machine["cpu"]}']
+    if machine.get('gpu_driver'):
+        parts.append(f'driver {machine["gpu_driver"]}')
     if machine.get('notes'):
         parts.append(machine['notes'])
     parts.append(f'torch {d["torch"]}')
+    build = d.get('torch_build') or {}
+    if build:
+        parts.append(', '.join(f'{name} {build[key]}' for key, name in (
+            ('cpu_capability', 'CPU kernels'), ('blas', 'BLAS'), ('onednn', 'oneDNN'),
+            ('cuda', 'CUDA')) if build.get(key)))
     if d['threads']:
         parts.append(f'{d["threads"]} threads')
     parts.append(f'Swin-{str(d.get("arch", "tiny"))[0].upper()}')
     if d.get('gemm_gflops'):
         dtype = d.get('gemm_dtype', 'float32')
         parts.append(f'{dtype} GEMM {_rate(d["gemm_gflops"])} in the same run')
+    onnx = d.get('onnxruntime')
+    if onnx and not onnx.get('error'):
+        parts.append(f'onnxruntime {onnx.get("version")} with {onnx["threads"]} intra-op threads')
     return '; '.join(parts)
 
 
@@ -267,6 +344,49 @@ def _command(command: str) -> str:
     if command.split(' ', 1)[0] in ('python', 'bash', 'torchrun'):
         return f'Command: `{command}`.'
     return f'Method: {command}.'
+
+
+def _method(data: dict) -> str:
+    return f' Method: {data["method"]}.' if data.get('method') else ''
+
+
+def _times(case: dict, impl: str) -> str:
+    """Median ms, and the range over rounds where the file has one."""
+    if case.get(f'{impl}_s') is None:
+        return 'failed' if case.get(f'{impl}_error') else ''
+    text = _ms(case[f'{impl}_s'])
+    if case.get(f'{impl}_s_range'):
+        low, high = case[f'{impl}_s_range']
+        text += f' ({_ms(low)}-{_ms(high)})'
+    return text
+
+
+#: Columns shown only for files that have their figures: (header, key that enables it, cell).
+OPTIONAL_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
+    ('onnxruntime ms', 'onnx_s', lambda c: _times(c, 'onnx')),
+    ('one-process speed-up', 'one_process',
+     lambda c: f'{c["one_process"]["mmdet_s"] / c["one_process"]["ours_s"]:.2f}x'
+     if c.get('one_process') else ''),
+    ('padding FLOPs', 'padding_share',
+     lambda c: f'{100 * c["padding_share"]:.1f}%' if c.get('padding_share') is not None else ''),
+    ('GEMM bound ms (ours at)', 'bound_s',
+     lambda c: f'{_ms(c["bound_s"])} ({100 * c["bound_s"] / c["ours_s"]:.0f}%)'
+     if c.get('bound_s') else ''),
+]
+
+
+def _table(cases: list[dict]) -> list[str]:
+    """The table of one results file; the optional columns appear where any row has them."""
+    extra = [(name, cell) for name, key, cell in OPTIONAL_COLUMNS
+             if any(c.get(key) is not None for c in cases)]
+    names = (['case', 'mode', 'mmdet ms', 'ours ms', 'speed-up'] + [n for n, _ in extra]
+             + ['peak memory ours / mmdet', 'max abs diff'])
+    lines = ['| ' + ' | '.join(names) + ' |', '|' + '---|' * len(names)]
+    for c in cases:
+        cells = ([c['case'], MODES[c['mode']], _times(c, 'mmdet'), _times(c, 'ours'),
+                  _speedup(c)] + [cell(c) for _, cell in extra] + [_memory(c), _diff(c)])
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines
 
 
 def render_tables(results: list[Result]) -> str:
@@ -277,13 +397,9 @@ def render_tables(results: list[Result]) -> str:
         title = result.column + (f', {d["title"]}' if d.get('title') else '')
         lines += [f'### {title} ({d["date"]}, commit `{d["commit"]}`)', '',
                   f'{_machine_line(result)}.', '',
-                  f'{_command(d["command"])} Data: `benchmarks/results/{result.path.name}`.', '',
-                  '| case | mode | mmdet ms | ours ms | speed-up | peak memory ours / mmdet '
-                  '| max abs diff |',
-                  '|---|---|---|---|---|---|---|']
-        for c in d['cases']:
-            lines.append(f'| {c["case"]} | {MODES[c["mode"]]} | {_ms(c["mmdet_s"])} | '
-                         f'{_ms(c["ours_s"])} | {_speedup(c)} | {_memory(c)} | {_diff(c)} |')
+                  f'{_command(d["command"])}{_method(d)} Data: '
+                  f'`benchmarks/results/{result.path.name}`.', '']
+        lines += _table(d['cases'])
         lines.append('')
         scaling = d.get('scaling_1024_over_512')
         if scaling:

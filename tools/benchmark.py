@@ -1,63 +1,120 @@
-"""Speed and memory of SwinBackbone against mmdet's SwinTransformer, measured in the same run.
+"""Speed and memory of SwinBackbone against mmdet's SwinTransformer, measured as users run them.
 
-    python tools/benchmark.py                    # CPU, fp32: the table, then JSON
-    python tools/benchmark.py --device cuda --amp fp16 --json results.json
-    python tools/benchmark.py --device cuda --in-process   # minutes less (no child processes)
+    python tools/benchmark.py            # CPU, fp32: the table, then the JSON
+    python tools/benchmark.py --save     # and benchmarks/results/DATE_DEVICE_PRECISION_COMMIT.json
+    python tools/benchmark.py --device cuda --amp fp16 --in-process
 
-Both backbones get the same weights (ours loads the peer's state dict). Each case and mode is
-timed in a fresh child process, so that no figure depends on which cases ran before (on the CPU
-the peer's large cases move by 10-20% with the allocator state; see README "Performance"),
-or all in the main process with ``--in-process`` (no start-up per case: on a GPU machine each
-child spends 15-20 s importing the toolkits). Within a process, timed runs of the two alternate
-(mmdet, ours, mmdet, ours, ...) so that drift on the machine hits both alike; the median is
-reported. Peak memory is measured in isolated child processes (CPU: growth of the peak RSS over
-the process's state before the step; CUDA: growth of ``max_memory_allocated``), on CUDA with
-``--in-process`` in the main process after a 64x64 warm-up step (see
-:func:`cuda_peak_memory_in_process`). Effective GFLOP/s uses
-FLOPs counted by ``torch.utils.flop_counter`` on the peer, against a square fp32 GEMM timed in
-the same run.
+Headline method: each backbone alone in its own process, as a user runs it. For each case and
+mode, child processes alternate (mmdet, ours, [onnxruntime,] mmdet, ours, ...) over ``--rounds``
+rounds; each child builds one backbone, runs ``--warmup`` steps, times ``--repeats`` steps and
+reports their median. A backbone's figure is the median over rounds, with the range (min-max)
+beside it; the speed-up is mmdet's figure over ours. ``--in-process`` times both models
+alternately in this one process instead (the older, quicker method: no start-up per child, but
+each model's allocations change the other's time); ``--also-in-process`` adds that view as a
+second figure per row. Both backbones get the same weights (ours loads the peer's state dict),
+and their outputs are compared once per case.
+
+Beside the times: the machine (CPU model, vector extensions, cores, caches; GPU and driver;
+torch's build), the GEMM rate measured in the same run, the FLOPs counted by
+``torch.utils.flop_counter`` on mmdet's model, the share of them spent on window padding, and
+the *GEMM bound*: the FLOPs the output needs (padding excluded) over the GEMM rate, the time no
+implementation of the same arithmetic can beat on this machine.
+
+onnxruntime rows (CPU, fp32 inference; on by default where onnxruntime imports, ``--no-onnx``
+to skip): our backbone exported once with dynamic batch, height and width, then timed in its
+own child processes like the eager models, with ``intra_op_num_threads`` equal to the
+benchmark's threads. A failed export leaves the eager rows and says why in the output and JSON.
+
+Peak memory is measured in isolated child processes (CPU: growth of the peak RSS over the
+process's state before the step; CUDA: growth of ``max_memory_allocated``), on CUDA with
+``--in-process`` in the main process after a 64x64 warm-up step.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
+import re
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-# (name, batch, height, width): the issue's cases, plus 1024^2 for the scaling ratio.
-CASES = [('224x224 b8', 8, 224, 224), ('512x512 b1', 1, 512, 512),
-         ('800x1344 b1', 1, 800, 1344), ('1024x1024 b1', 1, 1024, 1024)]
+from benchmarks import onnx_rows  # noqa: E402
+from benchmarks.machine import machine_record, torch_build  # noqa: E402
+from benchmarks.memory import cuda_peak_growth_mib, peak_memory_in_this_process  # noqa: E402
+from benchmarks.padding import backbone_flops  # noqa: E402
+
+# The issue's cases, plus 1024^2 for the scaling ratio; any 'HxW bN' may be given.
+DEFAULT_CASES = ('224x224 b8', '512x512 b1', '800x1344 b1', '1024x1024 b1')
+CASE_FORMAT = re.compile(r'^(\d+)x(\d+) b(\d+)$')
+#: A narrow Swin for the benchmark's own tests (seconds per run instead of minutes).
+TEST_ARCH = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+ARCHS = ('tiny', 'small', 'base', 'large', 'test')
 IMPLS = ('mmdet', 'ours')
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+PRECISION = {None: 'fp32', 'fp16': 'fp16', 'bf16': 'bf16'}
 
 
-def build(impl: str, arch: str, device: str, seed: int = 0) -> torch.nn.Module:
-    """The peer with seeded random weights, or ours loaded with the peer's weights."""
+class ChildFailed(RuntimeError):
+    """A child process of the benchmark exited with an error (the message ends with its log)."""
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+    """``'800x1344 b1'`` -> ``(batch, height, width)`` = ``(1, 800, 1344)``."""
+    match = CASE_FORMAT.match(text.strip())
+    if not match or min(int(g) for g in match.groups()) < 1:
+        raise argparse.ArgumentTypeError(
+            f"a case is 'HEIGHTxWIDTH bBATCH' with positive numbers, e.g. '512x512 b1'; got "
+            f'{text!r}')
+    h, w, batch = (int(g) for g in match.groups())
+    return batch, h, w
+
+
+def arch_settings(arch: str) -> dict:
+    from swin_dense import ARCH_SETTINGS
+    return dict(TEST_ARCH if arch == 'test' else ARCH_SETTINGS[arch])
+
+
+def seeded_weights(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The state dict of mmdet's model with seeded random weights; norms and relative-position
+    tables perturbed so that they are not trivial."""
     from mmdet.models.backbones import SwinTransformer
-
-    from swin_dense import ARCH_SETTINGS, SwinBackbone
     torch.manual_seed(seed)
-    peer = SwinTransformer(**ARCH_SETTINGS[arch])
-    for name, p in peer.named_parameters():  # non-trivial norms and bias tables
+    peer = SwinTransformer(**arch_settings(arch))
+    for name, p in peer.named_parameters():
         if p.dim() == 1 or 'relative_position_bias_table' in name:
             torch.nn.init.normal_(p, 1.0 if name.endswith('weight') else 0.0, 0.05)
+    return peer.state_dict()
+
+
+def build(impl: str, arch: str, device: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """mmdet's ``SwinTransformer`` or our ``SwinBackbone``, loaded with ``state``."""
     if impl == 'mmdet':
-        return peer.to(device)
-    ours = SwinBackbone(arch=arch)
-    state = {k: v for k, v in peer.state_dict().items() if not k.endswith('relative_position_index')}
-    ours.load_state_dict(state, strict=True)
-    return ours.to(device)
+        from mmdet.models.backbones import SwinTransformer
+        model = SwinTransformer(**arch_settings(arch))
+        model.load_state_dict(state, strict=True)
+    else:
+        from swin_dense import SwinBackbone
+        model = SwinBackbone(**arch_settings(arch))
+        model.load_state_dict({k: v for k, v in state.items()
+                               if not k.endswith('relative_position_index')}, strict=True)
+    return model.to(device)
+
+
+def case_input(batch: int, h: int, w: int, device: str, seed: int = 1) -> torch.Tensor:
+    """The same image batch in every process."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, h, w, generator=generator).to(device)
 
 
 def sync(device: str) -> None:
@@ -65,7 +122,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: str | None
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: Optional[str]
             ) -> Callable[[], object]:
     """One inference (eval, no_grad) or one train step (train, forward + backward)."""
     dtype = AMP_DTYPES.get(amp or '')
@@ -91,10 +148,11 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: str | None
     return run
 
 
-def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str
-                     ) -> dict[str, float]:
-    """Median seconds of each run; runs alternate so machine drift hits all alike."""
-    for _ in range(3 if device == 'cuda' else 1):  # warm-up: caches, allocator, kernel choice
+def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     device: str) -> dict[str, list[float]]:
+    """Seconds of each timed call of each run; the runs alternate so machine drift hits all
+    alike. One run alone gives the steps of one backbone in its own process."""
+    for _ in range(warmup):  # caches, allocator, kernel choice, first-use calibration
         for run in runs.values():
             run()
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -105,12 +163,12 @@ def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device
             run()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, size: int = 2048,
                 repeats: int = 5) -> float:
-    """GEMM rate of this machine in ``dtype``, measured now."""
+    """GEMM rate of this machine in ``dtype``, measured now (best of ``repeats``)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
@@ -132,217 +190,270 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
     return counter.get_total_flops()
 
 
-def max_abs_diff(models: dict[str, torch.nn.Module], x: torch.Tensor, amp: str | None) -> float:
+def max_abs_diff(models: dict[str, torch.nn.Module], x: torch.Tensor, amp: Optional[str]
+                 ) -> float:
     outs = {k: step_fn(m, x, 'infer', amp)() for k, m in models.items()}
     return max((a.float() - b.float()).abs().max().item()
                for a, b in zip(outs['mmdet'], outs['ours']))
 
 
-def time_case(args: argparse.Namespace, case: str, mode: str,
-              models: dict[str, torch.nn.Module]) -> dict[str, float]:
-    """Median seconds of each impl for one case and mode (in a fresh process by default)."""
-    if args.in_process:
-        return time_in_process(args, case, mode, models)
-    return time_case_child(args, case, mode)
+# =====================================================================================
+# Child processes
+# =====================================================================================
+def run_child(child_args: list[str], args: argparse.Namespace,
+              env: Optional[dict[str, str]] = None) -> str:
+    """Run this script in a fresh process with ``child_args``; return its last line of output.
 
-
-def time_in_process(args: argparse.Namespace, case: str, mode: str,
-                    models: dict[str, torch.nn.Module]) -> dict[str, float]:
-    batch, h, w = next(c[1:] for c in CASES if c[0] == case)
-    x = torch.randn(batch, 3, h, w, device=args.device)
-    runs = {k: step_fn(m, x, mode, args.amp) for k, m in models.items()}
-    return time_interleaved(runs, args.repeats, args.device)
-
-
-def run_child(child_args: list[str], arch: str, device: str, amp: str | None,
-              env: dict[str, str] | None = None) -> str:
-    """Run this script in a fresh process with ``child_args``; return its last line of output."""
-    cmd = [sys.executable, __file__, *child_args, '--arch', arch, '--device', device,
-           '--threads', str(torch.get_num_threads())]
-    if amp:
-        cmd += ['--amp', amp]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return out.strip().splitlines()[-1]
-
-
-def time_case_child(args: argparse.Namespace, case: str, mode: str) -> dict[str, float]:
-    """Median seconds of each impl for one case and mode, timed in a fresh process."""
-    return json.loads(run_child(['--time-child', case, mode, '--repeats', str(args.repeats)],
-                                args.arch, args.device, args.amp))
-
-
-def peak_memory_child(impl: str, arch: str, device: str, mode: str, batch: int, h: int, w: int,
-                      amp: str | None) -> float:
-    """Run one step in a fresh process; return its peak memory growth in MiB."""
-    # A fixed mmap threshold makes every tensor of 64 KiB or more its own mapping, returned to
-    # the OS when freed, so RSS follows live memory instead of glibc's retained heap.
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
-    return float(run_child(['--child', impl, mode, str(batch), str(h), str(w)], arch, device,
-                           amp, env))
-
-
-def cuda_peak_memory_in_process(model: torch.nn.Module, mode: str, batch: int, h: int, w: int,
-                                amp: str | None) -> float:
-    """Peak growth of ``max_memory_allocated`` over one step, in this process, in MiB.
-
-    ``max_memory_allocated`` counts live tensors, not the caching allocator's reserve, so the
-    cases timed before do not enter it; a 64x64 step first keeps out what a process allocates
-    once (the cuBLAS workspace), which a fresh child counts for both models (on an H100 its
-    inference figures came out about 32 MiB above these, for both).
+    Raises:
+        ChildFailed: the child exited with an error; the message ends with its output.
     """
-    step_fn(model, torch.randn(1, 3, 64, 64, device='cuda'), mode, amp)()
-    return cuda_peak_growth_mib(step_fn(model, torch.randn(batch, 3, h, w, device='cuda'), mode,
-                                        amp))
-
-
-def cuda_peak_growth_mib(run: Callable[[], object]) -> float:
-    """Growth of ``max_memory_allocated`` over ``run()``, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    cmd = [sys.executable, __file__, *child_args, '--arch', args.arch, '--device', args.device,
+           '--threads', str(torch.get_num_threads())]
+    if args.amp:
+        cmd += ['--amp', args.amp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        log = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise ChildFailed(f'{shlex.join(cmd[1:])} exited with {proc.returncode}:\n{log}')
+    return lines[-1]
 
 
 def time_child(args: argparse.Namespace) -> None:
-    """Entry point of the isolated timing run (prints the medians as JSON)."""
-    import warnings
-    warnings.filterwarnings('ignore')
-    name, mode = args.time_child
-    models = {impl: build(impl, args.arch, args.device) for impl in IMPLS}
-    print(json.dumps(time_in_process(args, name, mode, models)))
-
-
-def child(args: argparse.Namespace) -> None:
-    """Entry point of the isolated memory run (prints MiB)."""
-    impl, mode, batch, h, w = args.child
-    model = build(impl, args.arch, args.device)
-    x = torch.randn(int(batch), 3, int(h), int(w), device=args.device)
-    run = step_fn(model, x, mode, args.amp)
-    if args.device == 'cuda':
-        print(cuda_peak_growth_mib(run))
+    """Entry point of one timing process: one implementation, one case, one mode; prints
+    ``{"median": s, "steps": [s, ...]}``."""
+    impl, case, mode = args.time_child
+    batch, h, w = parse_case(case)
+    x = case_input(batch, h, w, args.device)
+    if impl == 'onnx':
+        run = onnx_rows.runner(onnx_rows.session(args.onnx_file, torch.get_num_threads()), x)
     else:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-        reset_peak_rss()  # the high-water mark so far includes memory freed after the build
-        base = proc_status_kib('VmRSS')
-        run()
-        print((proc_status_kib('VmHWM') - base) / 1024)
+        state = torch.load(args.weights, map_location='cpu', weights_only=True)
+        run = step_fn(build(impl, args.arch, args.device, state), x, mode, args.amp)
+    steps = time_interleaved({impl: run}, args.repeats, args.warmup, args.device)[impl]
+    print(json.dumps(dict(median=statistics.median(steps), steps=steps)))
 
 
-def proc_status_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak)."""
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+def memory_child(args: argparse.Namespace) -> None:
+    """Entry point of one memory process: prints the peak memory growth of one step in MiB."""
+    impl, mode, case = args.child
+    state = torch.load(args.weights, map_location='cpu', weights_only=True)
+    model = build(impl, args.arch, args.device, state)
+    run = step_fn(model, case_input(*parse_case(case), args.device), mode, args.amp)
+    print(cuda_peak_growth_mib(run) if args.device == 'cuda' else
+          peak_memory_in_this_process(run))
 
 
-def reset_peak_rss() -> None:
-    """Reset the peak RSS to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
+def time_separate(args: argparse.Namespace, case: str, mode: str, impls: list[str],
+                  files: dict[str, str]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per implementation, the median step of each round's process; and per implementation
+    whose child failed (onnxruntime only: the others raise), the reason."""
+    medians: dict[str, list[float]] = {impl: [] for impl in impls}
+    failed: dict[str, str] = {}
+    for _ in range(args.rounds):
+        for impl in impls:
+            if impl in failed:
+                continue
+            child_args = ['--time-child', impl, case, mode, '--repeats', str(args.repeats),
+                          '--warmup', str(args.warmup), '--weights', files['weights']]
+            if impl == 'onnx':
+                child_args += ['--onnx-file', files['onnx']]
+            try:
+                medians[impl].append(json.loads(run_child(child_args, args))['median'])
+            except ChildFailed as error:
+                if impl != 'onnx':
+                    raise
+                failed[impl] = str(error).strip().splitlines()[-1][:300]
+    return {k: v for k, v in medians.items() if v}, failed
 
 
-def main(argv: list[str] | None = None) -> dict:
+def peak_memory(args: argparse.Namespace, models: dict[str, torch.nn.Module], case: str,
+                mode: str, weights: str) -> dict[str, float]:
+    """Peak memory growth of one step of each implementation, in MiB."""
+    if args.in_process and args.device == 'cuda':
+        from benchmarks.memory import cuda_peak_memory_in_process
+        batch, h, w = parse_case(case)
+        return {impl: cuda_peak_memory_in_process(
+            step_fn(model, torch.randn(1, 3, 64, 64, device='cuda'), mode, args.amp),
+            step_fn(model, case_input(batch, h, w, 'cuda'), mode, args.amp))
+            for impl, model in models.items()}
+    # A fixed mmap threshold makes every tensor of 64 KiB or more its own mapping, returned to
+    # the OS when freed, so RSS follows live memory instead of glibc's retained heap.
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
+    return {impl: float(run_child(['--child', impl, mode, case, '--weights', weights], args,
+                                  env)) for impl in IMPLS}
+
+
+# =====================================================================================
+# One case and mode
+# =====================================================================================
+def _sig(value: float, digits: int = 5) -> float:
+    return float(f'{value:.{digits}g}')
+
+
+def measure(args: argparse.Namespace, case: str, mode: str, models: dict[str, torch.nn.Module],
+            files: dict[str, str], onnx_session, gemm: float, diffs: dict) -> dict:
+    """One row of the results: times, FLOPs and the bound, memory, differences."""
+    batch, h, w = parse_case(case)
+    x = case_input(batch, h, w, args.device)
+    row: dict = dict(case=case, mode=mode)
+    with_onnx = mode == 'infer' and onnx_session is not None and 'onnx_error' not in diffs
+    if mode == 'infer' and 'onnx_error' in diffs:
+        row['onnx_error'] = diffs['onnx_error']
+    if args.in_process:
+        runs = {k: step_fn(m, x, mode, args.amp) for k, m in models.items()}
+        if with_onnx:
+            runs['onnx'] = onnx_rows.runner(onnx_session, x)
+        steps = time_interleaved(runs, args.repeats, args.warmup, args.device)
+        for impl, times in steps.items():
+            row[f'{impl}_s'] = _sig(statistics.median(times))
+    else:
+        impls = list(IMPLS) + (['onnx'] if with_onnx else [])
+        medians, failed = time_separate(args, case, mode, impls, files)
+        for impl, values in medians.items():
+            row[f'{impl}_s'] = _sig(statistics.median(values))
+            row[f'{impl}_s_range'] = [_sig(min(values)), _sig(max(values))]
+        if 'onnx' in failed:
+            row['onnx_error'] = failed['onnx']
+    row['speedup'] = row['mmdet_s'] / row['ours_s']
+    if args.also_in_process:
+        runs = {k: step_fn(m, x, mode, args.amp) for k, m in models.items()}
+        one = {k: statistics.median(v) for k, v in
+               time_interleaved(runs, args.repeats, args.warmup, args.device).items()}
+        row['one_process'] = dict(mmdet_s=_sig(one['mmdet']), ours_s=_sig(one['ours']),
+                                  speedup=one['mmdet'] / one['ours'])
+    flops = count_flops(models['mmdet'], x, mode)
+    settings = arch_settings(args.arch)
+    counted = backbone_flops(batch, h, w, mode, settings['embed_dims'], settings['depths'])
+    if abs(counted.total - flops) > 0.01 * flops:
+        print(f'warning: {case} {mode}: the padding arithmetic counts {counted.total / 1e9:.2f} '
+              f'GFLOP, flop_counter {flops / 1e9:.2f}; the padding share is approximate',
+              file=sys.stderr)
+    needed = flops * (1 - counted.padding_share)
+    row.update(gflop=_sig(flops / 1e9), padding_share=_sig(counted.padding_share, 4),
+               bound_s=_sig(needed / (gemm * 1e9)),
+               mmdet_gflops=_sig(flops / row['mmdet_s'] / 1e9, 4),
+               ours_gflops=_sig(flops / row['ours_s'] / 1e9, 4))
+    if mode == 'infer':
+        row['max_abs_diff'] = diffs['ours']
+        if 'onnx' in diffs and 'onnx_s' in row:
+            row['onnx_max_abs_diff'] = diffs['onnx']
+    if not args.no_memory:
+        mem = peak_memory(args, models, case, mode, files['weights'])
+        row.update(mmdet_mib=_sig(mem['mmdet'], 4), ours_mib=_sig(mem['ours'], 4))
+        if mem['mmdet'] > 0 and mem['ours'] > 0:
+            row['memory_ratio'] = mem['ours'] / mem['mmdet']
+    return row
+
+
+# =====================================================================================
+# The run
+# =====================================================================================
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         choices=['cpu', 'cuda'])
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None,
-                        help='autocast dtype (on CPU bf16 is fast where the CPU has AMX or '
-                        'AVX512-BF16: the GEMM rate printed is in this dtype)')
-    parser.add_argument('--arch', default='tiny', choices=['tiny', 'small', 'base', 'large'])
-    parser.add_argument('--repeats', type=int, default=5, help='timed runs per impl and case')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    parser.add_argument('--cases', nargs='+', default=[c[0] for c in CASES],
-                        choices=[c[0] for c in CASES], metavar='CASE')
+                        help='autocast dtype (the GEMM rate and the bound are then in it)')
+    parser.add_argument('--arch', default='tiny', choices=ARCHS,
+                        help="Swin variant ('test': a narrow model for the tool's own tests)")
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='processes per implementation, case and mode (alternated)')
+    parser.add_argument('--repeats', type=int, default=7, help='timed steps per process')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps first')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads, and onnxruntime intra-op threads')
+    parser.add_argument('--cases', nargs='+', default=list(DEFAULT_CASES), metavar='CASE',
+                        help="'HEIGHTxWIDTH bBATCH', e.g. '800x1344 b1'")
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'],
                         choices=['infer', 'train'])
+    parser.add_argument('--onnx', action=argparse.BooleanOptionalAction, default=None,
+                        help='onnxruntime rows (default: on for CPU fp32 where onnxruntime '
+                             'imports)')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory runs')
     parser.add_argument('--in-process', action='store_true',
-                        help='time every case in this process, and on CUDA measure memory in it '
-                             'too (no child start-up per case: fits a short GPU session; on the '
-                             'CPU the peer then depends on the cases before, see README '
-                             '"Performance")')
-    parser.add_argument('--json', type=Path, default=None, help='also write the results here')
-    parser.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument('--time-child', nargs=2, help=argparse.SUPPRESS)
+                        help='time both models alternately in this one process instead of one '
+                             'process each (quicker; each model then changes the other\'s time)')
+    parser.add_argument('--also-in-process', action='store_true',
+                        help='add the one-process alternation as a second figure per row')
+    parser.add_argument('--label', default=None,
+                        help="short machine name for the results file and tables (default: "
+                             "'CPU' or the GPU's model)")
+    parser.add_argument('--json', type=Path, default=None, help='write the results file here')
+    parser.add_argument('--save', action='store_true',
+                        help='write it to benchmarks/results/DATE_DEVICE_PRECISION_COMMIT.json')
+    parser.add_argument('--child', nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument('--time-child', nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument('--weights', help=argparse.SUPPRESS)
+    parser.add_argument('--onnx-file', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for case in args.cases:
+        try:
+            parse_case(case)
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+    for name in ('rounds', 'repeats'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1')
+    if args.warmup < 0:
+        parser.error('--warmup must be 0 or more')
+    if args.onnx and not onnx_rows.available():
+        parser.error('--onnx needs onnxruntime, onnx and onnxscript (pip install '
+                     "'swin_dense[export]')")
+    if args.onnx and (args.device != 'cpu' or args.amp):
+        parser.error('--onnx times the CPU execution provider in fp32: drop --device cuda / '
+                     '--amp, or --onnx')
+    if args.onnx is None:
+        args.onnx = (onnx_rows.available() and args.device == 'cpu' and not args.amp)
+    args.onnx = args.onnx and 'infer' in args.modes
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
     # fp32 means fp32 on CUDA too: no TF32 (cuDNN convolutions allow it by default), for both.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        child(args)
+        memory_child(args)
         return {}
     if args.time_child:
         time_child(args)
         return {}
-
     import warnings
     warnings.filterwarnings('ignore')
-    device = args.device
-    models = {impl: build(impl, args.arch, device) for impl in IMPLS}
-    # Under autocast the matmuls run in its dtype (on CPUs with AMX bf16 GEMMs are several
-    # times faster than fp32 ones), so %GEMM is against that dtype's rate.
+    from benchmarks import report
+
+    # Under autocast the matmuls run in its dtype, so the bound is against that dtype's rate.
     gemm_dtype = AMP_DTYPES.get(args.amp or '', torch.float32)
-    gemm = gemm_gflops(device, gemm_dtype)
-    results = dict(
-        device=torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or
-        platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__, arch=args.arch, amp=args.amp,
-        repeats=args.repeats, in_process=args.in_process, gemm_gflops=round(gemm, 1),
-        gemm_dtype=str(gemm_dtype).replace('torch.', ''), cases=[])
-    for name, batch, h, w in CASES:
-        if name not in args.cases:
-            continue
-        x = torch.randn(batch, 3, h, w, device=device)
-        diff = max_abs_diff(models, x, args.amp)
-        for mode in args.modes:
-            times = time_case(args, name, mode, models)
-            flops = count_flops(models['mmdet'], x, mode)
-            row = dict(case=name, mode=mode, mmdet_s=times['mmdet'], ours_s=times['ours'],
-                       speedup=times['mmdet'] / times['ours'], gflop=flops / 1e9,
-                       mmdet_gflops=flops / times['mmdet'] / 1e9,
-                       ours_gflops=flops / times['ours'] / 1e9, max_abs_diff=diff)
-            if not args.no_memory:
-                if args.in_process and device == 'cuda':
-                    mem = {impl: cuda_peak_memory_in_process(model, mode, batch, h, w, args.amp)
-                           for impl, model in models.items()}
-                else:  # on the CPU, in-process RSS would follow glibc's retained heap
-                    mem = {impl: peak_memory_child(impl, args.arch, device, mode, batch, h, w,
-                                                   args.amp)
-                           for impl in IMPLS}
-                row.update(mmdet_mib=mem['mmdet'], ours_mib=mem['ours'],
-                           memory_ratio=mem['ours'] / mem['mmdet'] if mem['mmdet'] > 0 else None)
-            results['cases'].append(row)
-            print_row(row, gemm, first=len(results['cases']) == 1, results=results)
-    infer = {r['case']: r for r in results['cases'] if r['mode'] == 'infer'}
-    if '512x512 b1' in infer and '1024x1024 b1' in infer:
-        results['scaling_1024_over_512'] = {
-            impl: infer['1024x1024 b1'][f'{impl}_s'] / infer['512x512 b1'][f'{impl}_s']
-            for impl in IMPLS}
-        print('time(1024^2) / time(512^2), inference (linear cost gives 4.0): ' + ', '.join(
-            f'{k} {v:.2f}' for k, v in results['scaling_1024_over_512'].items()))
-    print(json.dumps(results, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    return results
-
-
-def print_row(row: dict, gemm: float, first: bool, results: dict) -> None:
-    if first:
-        print(f"# {results['device']}, {results['threads']} threads, torch {results['torch']}, "
-              f"Swin-{results['arch'][0].upper()}, amp={results['amp']}, "
-              f"{results['gemm_dtype']} GEMM {gemm:.0f} GFLOP/s (fp32: no TF32), "
-              f"median of {results['repeats']}")
-        print(f"{'case':<14}{'mode':<7}{'mmdet s':>9}{'ours s':>9}{'speedup':>9}"
-              f"{'GFLOP/s mm/ours':>17}{'%GEMM ours':>11}{'mem MiB mm/ours':>17}{'mem ratio':>10}"
-              f"{'max|diff|':>11}")
-    mem = f"{'-':>17}{'-':>10}"
-    if row.get('memory_ratio') is not None:
-        mem = f"{row['mmdet_mib']:>8.0f}/{row['ours_mib']:<8.0f}{row['memory_ratio']:>10.2f}"
-    print(f"{row['case']:<14}{row['mode']:<7}{row['mmdet_s']:>9.3f}{row['ours_s']:>9.3f}"
-          f"{row['speedup']:>8.2f}x{row['mmdet_gflops']:>9.0f}/{row['ours_gflops']:<7.0f}"
-          f"{100 * row['ours_gflops'] / gemm:>10.0f}%{mem}{row['max_abs_diff']:>11.1e}", flush=True)
+    gemm = gemm_gflops(args.device, gemm_dtype)
+    results = report.header(args, argv, machine_record(args.device, args.label), torch_build(),
+                            gemm, str(gemm_dtype).replace('torch.', ''))
+    with tempfile.TemporaryDirectory(prefix='swin_benchmark_') as tmp:
+        files = {'weights': os.path.join(tmp, 'weights.pt')}
+        state = seeded_weights(args.arch)
+        torch.save(state, files['weights'])
+        models = {impl: build(impl, args.arch, args.device, state) for impl in IMPLS}
+        onnx_session = None
+        if args.onnx:
+            onnx_session = report.prepare_onnx(results, models['ours'], tmp, files)
+        for line in report.header_text(results):
+            print(line)
+        report.print_columns()
+        for case in args.cases:
+            x = case_input(*parse_case(case), args.device)
+            diffs = {'ours': max_abs_diff(models, x, args.amp)}
+            if onnx_session is not None:
+                try:
+                    diffs['onnx'] = onnx_rows.max_abs_diff(onnx_session, models['ours'], x)
+                except Exception as error:  # this size fails in onnxruntime: no row, the reason
+                    diffs['onnx_error'] = f'{type(error).__name__}: {error}'[:300]
+            for mode in args.modes:
+                row = measure(args, case, mode, models, files, onnx_session, gemm, diffs)
+                results['cases'].append(row)
+                report.print_row(row)
+    return report.finish(results, args)
 
 
 if __name__ == '__main__':
