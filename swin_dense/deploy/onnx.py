@@ -48,8 +48,9 @@ def export_onnx(module: nn.Module, example: Tensor, path: str, *, dynamic: bool 
         shapes = None
         if dynamic:
             dim = torch.export.Dim
-            shapes = {'image': {0: dim('batch', min=1), 2: dim('height', min=1),
-                                3: dim('width', min=1)}}
+            # positional, so that any forward(x) signature works
+            shapes = ({0: dim('batch', min=1), 2: dim('height', min=1),
+                       3: dim('width', min=1)},)
         program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=shapes,
                                     **kwargs)
         program.save(path)
