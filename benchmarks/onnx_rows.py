@@ -33,17 +33,6 @@ def version() -> Optional[str]:
     return onnxruntime.__version__
 
 
-class ImageInput(nn.Module):
-    """``module`` with its input named ``image`` (the name the export gives its dynamic axes)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, image: Tensor):
-        return self.module(image)
-
-
 def _first_line(error: BaseException) -> str:
     """``Type: first line`` of an error, and of its cause (where the exporter wraps the real
     failure in a generic one)."""
@@ -71,7 +60,7 @@ def export(module: nn.Module, example: Tensor, path: str) -> Optional[str]:
     exporter_log.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            export_onnx(ImageInput(module).eval(), example, path, dynamic=True,
+            export_onnx(module, example, path, dynamic=True,
                         exporter=EXPORTER)
     except Exception as error:  # any exporter failure leaves the eager rows intact
         return f'export of {type(module).__name__} to ONNX failed ({_first_line(error)})'
