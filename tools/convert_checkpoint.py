@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
-def _import_module():
+def _import_converter():
+    """``convert_checkpoint`` of the installed package (importing swin_dense also registers
+    SwinBackbone, which the conversion builds through mmengine's registry)."""
     try:
-        from swin_dense import checkpoint
-    except ImportError:  # run from a checkout without installing: use the repository root
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from swin_dense import checkpoint
-    return checkpoint
+        from swin_dense.checkpoint import convert_checkpoint
+    except ImportError as e:
+        raise SystemExit(f'error: swin_dense is not importable ({e}); install it with '
+                         '`pip install -e .` from the repository root (or bash tools/setup_env.sh)')
+    return convert_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    checkpoint = _import_module()
+    convert_checkpoint = _import_converter()
     try:
-        report = checkpoint.convert_checkpoint(
+        report = convert_checkpoint(
             args.src, args.dst, args.arch, window_size=args.window_size, prefix=args.prefix,
             trust_pickle=args.trust_pickle, logger='silent')
     except (FileNotFoundError, ValueError, TypeError) as e:
