@@ -9,6 +9,11 @@ detection / segmentation repos, mmdet / mmseg / mmpretrain files, timm >= 0.9, t
 DST ending in ``.safetensors`` gets a safetensors file, anything else ``{'state_dict': ...}``.
 Without ``--arch`` the shape is taken from SRC; ``--window-size`` resizes the relative-position
 tables (e.g. 7 -> 12). Prints what was loaded, converted, resized and left out.
+
+Whole detector / segmentor files (the official repositories' ``mask_rcnn_swin_*``,
+``cascade_mask_rcnn_swin_*``, ``upernet_swin_*``, or the mmdet / mmseg model zoos') need no
+conversion: tools/test.py, ``load_from``, ``init_detector`` and ``init_model`` convert their
+backbone keys while loading. Given such a file, this tool writes its backbone alone.
 """
 from __future__ import annotations
 

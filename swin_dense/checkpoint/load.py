@@ -339,10 +339,8 @@ def _layout_of_slice(local: Mapping[str, Any], own: Mapping[str, Tensor], prefix
             return 'native'  # a partial state dict in our naming (no attention weights in it)
         where = f'under {prefix!r}' if prefix else 'given'
         raise ValueError(
-            f'SwinBackbone cannot load the weights {where}: {error}. Nothing was loaded. '
-            'A whole detector / segmentor file must hold its backbone in one of these layouts; '
-            'for a backbone-only file use init_cfg=dict(type=\'Pretrained\', checkpoint=PATH) '
-            'instead, or convert it with tools/convert_checkpoint.py') from error
+            f'SwinBackbone cannot load the weights {where}: {error}. Loading stopped here: the '
+            'backbone would otherwise keep its current (random) weights') from error
 
 
 def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
@@ -378,7 +376,7 @@ def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
     layout = _layout_of_slice(local, own, prefix)
     unwrapped = Unwrapped(local, {}, [], had_backbone_prefix=bool(prefix))
     source = (f'the state dict loaded into the model (keys under {prefix!r})' if prefix
-              else 'the state dict loaded into it')
+              else 'the state dict given to load_state_dict')
     state, report, origin = _convert(unwrapped, refine_format(layout, unwrapped), module, source)
     report.check(allow_missing=True)
 
