@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from swin_dense import SwinBackbone
 from swin_dense.checkpoint import (LoadReport, checkpoint_filter_fn, convert_state_dict,
                                    load_pretrained)
-from swin_reference import (SMALL, assert_close, features, image, official,  # noqa: F401
+from swin_reference import (assert_close, features, image, official,  # noqa: F401
                             official_state_dict, ref_forward, small_model)
 
 
