@@ -47,6 +47,17 @@ SEG_TINY = {'model.backbone.embed_dims': 32, 'model.backbone.depths': [2, 2, 2, 
 LAYOUTS = ('native', 'toolkit_zoo', 'official_det')
 
 
+@pytest.fixture(scope='module', autouse=True)
+def keep_default_scope():
+    """init_detector / init_model switch mmengine's default scope for the whole process: give
+    the tests after this module the scope the tests before it had."""
+    from mmengine.registry import DefaultScope
+    before = OrderedDict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(before)
+
+
 def det_config(**options) -> Config:
     cfg = Config.fromfile(str(DET_DEMO))
     cfg.merge_from_dict({**DET_TINY, **options})
