@@ -19,6 +19,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .arch import FeatureSpec, int_tuple, resolve_arch
+from .checkpoint.load import convert_state_dict_on_load
 from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm, tokens_to_nchw
 
 def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
@@ -109,6 +110,7 @@ class SwinBackbone(BaseModule):
                           'checkpoint=PATH)', DeprecationWarning)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
+        self.register_load_state_dict_pre_hook(convert_state_dict_on_load)  # any layout loads
 
         embed_dims, depths, num_heads = resolve_arch(arch, embed_dims, depths, num_heads)
         _check_arguments(embed_dims, patch_size, window_size, depths, num_heads, strides,

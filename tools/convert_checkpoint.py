@@ -9,21 +9,27 @@ detection / segmentation repos, mmdet / mmseg / mmpretrain files, timm >= 0.9, t
 DST ending in ``.safetensors`` gets a safetensors file, anything else ``{'state_dict': ...}``.
 Without ``--arch`` the shape is taken from SRC; ``--window-size`` resizes the relative-position
 tables (e.g. 7 -> 12). Prints what was loaded, converted, resized and left out.
+
+Whole detector / segmentor files (the official repositories' ``mask_rcnn_swin_*``,
+``cascade_mask_rcnn_swin_*``, ``upernet_swin_*``, or the mmdet / mmseg model zoos') need no
+conversion: tools/test.py, ``load_from``, ``init_detector`` and ``init_model`` convert their
+backbone keys while loading. Given such a file, this tool writes its backbone alone.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
-def _import_module():
+def _import_converter():
+    """``convert_checkpoint`` of the installed package (importing swin_dense also registers
+    SwinBackbone, which the conversion builds through mmengine's registry)."""
     try:
-        from swin_dense import checkpoint
-    except ImportError:  # run from a checkout without installing: use the repository root
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from swin_dense import checkpoint
-    return checkpoint
+        from swin_dense.checkpoint import convert_checkpoint
+    except ImportError as e:
+        raise SystemExit(f'error: swin_dense is not importable ({e}); install it with '
+                         '`pip install -e .` from the repository root (or bash tools/setup_env.sh)')
+    return convert_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,9 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    checkpoint = _import_module()
+    convert_checkpoint = _import_converter()
     try:
-        report = checkpoint.convert_checkpoint(
+        report = convert_checkpoint(
             args.src, args.dst, args.arch, window_size=args.window_size, prefix=args.prefix,
             trust_pickle=args.trust_pickle, logger='silent')
     except (FileNotFoundError, ValueError, TypeError) as e:

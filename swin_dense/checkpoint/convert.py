@@ -1,0 +1,118 @@
+"""Writing a checkpoint of any supported layout as a file in ours (``tools/convert_checkpoint.py``).
+
+The target model is given, or built through mmengine's registry (``type='SwinBackbone'``, which
+importing ``swin_dense`` registers), so this package never imports the backbone.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.registry import MODELS
+from torch import Tensor
+
+from ..arch import ARCH_SETTINGS
+from ..fileio import atomic_write
+from .formats import MAPPERS, detect_layout, refine_format, unwrap
+from .io import read_checkpoint
+from .load import convert_state_dict, infer_arch
+from .report import LoadReport, describe_arch
+
+__all__ = ['convert_checkpoint']
+
+#: SwinBackbone arguments read from the source file when the target is not given in full.
+_SHAPE_ARGUMENTS = ('embed_dims', 'depths', 'num_heads', 'window_size', 'patch_size',
+                    'in_channels', 'patch_norm', 'qkv_bias', 'mlp_ratio', 'use_abs_pos_embed',
+                    'pretrain_img_size')
+
+
+def _build_backbone(kwargs: dict) -> nn.Module:
+    if MODELS.get('SwinBackbone') is None:
+        raise RuntimeError("SwinBackbone is not registered in mmengine's MODELS: import "
+                           'swin_dense before converting')
+    return MODELS.build(dict(type='SwinBackbone', **kwargs))
+
+
+def _build_target(model_or_arch: Any, state: Mapping[str, Tensor],
+                  window_size: Optional[int]) -> nn.Module:
+    """The model to convert for: given, or a SwinBackbone shaped like ``state`` with overrides."""
+    if isinstance(model_or_arch, nn.Module):
+        return model_or_arch
+    if model_or_arch is not None and not isinstance(model_or_arch, (str, Mapping)):
+        raise TypeError(f'model_or_arch must be a module, an arch name, a dict or None, '
+                        f'got {type(model_or_arch).__name__}')
+    kwargs: dict = {}
+    try:  # start from the file's own shape (abs pos embed, mlp ratio, patch size ...)
+        arch = infer_arch(state)
+        kwargs = {k: arch[k] for k in _SHAPE_ARGUMENTS if arch.get(k) is not None}
+    except ValueError:
+        if model_or_arch is None:
+            raise
+    explicit = (dict(arch=model_or_arch) if isinstance(model_or_arch, str)
+                else dict(model_or_arch or {}))
+    if 'arch' in explicit:  # the variant defines these; a different file then fails with advice
+        for k in ('embed_dims', 'depths', 'num_heads'):
+            kwargs.pop(k, None)
+    kwargs.update(explicit)
+    if window_size is not None:
+        kwargs['window_size'] = window_size
+    depths = kwargs.get('depths') or ARCH_SETTINGS.get(kwargs.get('arch', 'tiny'), {}).get(
+        'depths', (2, 2, 6, 2))
+    kwargs.setdefault('strides', (kwargs.get('patch_size', 4),) + (2,) * (len(depths) - 1))
+    kwargs.setdefault('out_indices', tuple(range(len(depths))))
+    return _build_backbone(kwargs)
+
+
+def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
+                       model_or_arch: Any = None, *, window_size: Optional[int] = None,
+                       prefix: Optional[str] = None, trust_pickle: bool = False,
+                       logger: Any = 'current') -> LoadReport:
+    """Convert ``src`` (any supported format) to our native layout at ``dst``, atomically.
+
+    ``dst`` ending in ``.safetensors`` gets a safetensors file, anything else a torch file
+    ``{'state_dict': {...}, 'meta': {...}}`` (plain strings only: loads with ``weights_only``).
+    Keys are bare (``stages.0...``, as mmseg backbone files); per-output norms the source lacks
+    are not written, so a later load reports them again.
+
+    Args:
+        src, dst: source and destination files.
+        model_or_arch: the target SwinBackbone, an arch name ('tiny', ...), a dict of
+            SwinBackbone kwargs, or None to take the shape from ``src``.
+        window_size: target window (relative-position tables are resized), when building the model.
+        prefix, trust_pickle, logger: as :func:`load_pretrained`.
+    """
+    src, dst = Path(src), Path(dst)
+    checkpoint = read_checkpoint(src, trust_pickle=trust_pickle)
+    if isinstance(model_or_arch, nn.Module):
+        if window_size is not None and getattr(model_or_arch, 'window_size', None) != window_size:
+            raise ValueError('window_size is set by the model given; do not pass both')
+        model = model_or_arch
+    else:
+        unwrapped = unwrap(checkpoint, prefix)
+        fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
+        model = _build_target(model_or_arch, MAPPERS[fmt](unwrapped.state).tensors, window_size)
+    state, report = convert_state_dict(checkpoint, model, prefix=prefix, source=str(src))
+    report.check()
+    state = OrderedDict((k, v.detach().clone().contiguous()) for k, v in state.items())
+    meta = {'converted_from': str(src), 'source_format': report.format,
+            'converted_by': 'swin_dense.checkpoint.convert_checkpoint',
+            'arch': describe_arch(report.model_arch)}
+
+    if dst.suffix == '.safetensors':
+        from safetensors.torch import save_file
+
+        def write(tmp: str) -> None:
+            save_file(dict(state), tmp, metadata=meta)
+    else:
+        def write(tmp: str) -> None:
+            torch.save({'state_dict': state, 'meta': meta}, tmp)
+    atomic_write(dst, write)
+    report.notes.append(f'written to {dst} ({len(state)} tensors, native layout)')
+    print_log(str(report), logger=logger)
+    return report

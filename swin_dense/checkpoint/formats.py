@@ -1,0 +1,448 @@
+"""Recognising the layout of a Swin checkpoint, and one pure mapper per layout to ours.
+
+Every function here works on dicts of tensors; nothing reads files or knows the model.
+
+Supported source layouts (:data:`FORMATS`), with what the mapping does:
+
+=============  ====================================================================================
+native         ours = mmdet 3.x / mmseg 1.x ``SwinTransformer`` (``stages.i.blocks.j.attn.w_msa``,
+               ``ffn.layers.0.0``, ``patch_embed.projection``, PatchMerging in nn.Unfold order),
+               which mmdet 2.x / mmseg 0.x model-zoo files also use. Bare backbone files (mmseg)
+               or detector / segmentor files (``backbone.`` prefix).
+mmpretrain     mmcls 0.x / mmpretrain 1.x classifiers: the native naming under ``backbone.`` plus
+               ``head.fc``; same Unfold channel order; their final norm is ``norm3`` (legacy mmcls
+               files: ``norm``), loaded into our ``norm3`` as mmpretrain and mmdet themselves do.
+official       microsoft/Swin-Transformer classification (``{'model': ...}``): ``layers.i``,
+               ``attn.qkv``, ``mlp.fc1``, ``patch_embed.proj``, ``layers.i.downsample`` at the end
+               of stage i, ``norm`` (final), ``head`` (1K or 22K). PatchMerging concat order
+               ``[x(0::2,0::2), x(1::2,0::2), x(0::2,1::2), x(1::2,1::2)]`` -> reordered to Unfold.
+official_det   the official detection / segmentation repositories (mmdet 2.x / mmseg 0.x based):
+               the official naming under ``backbone.``, trained per-output ``norm{i}``,
+               ``absolute_pos_embed`` as (1, C, H, W).
+timm           timm >= 0.9 ``SwinTransformer``: official naming but ``layers.i.downsample`` at the
+               START of stage i (i >= 1), ``head.fc``; ``layers_i`` in ``features_only`` models.
+               Its PatchMerging, ``reshape(B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5)``,
+               yields the official order (dx-major, dy-minor), so it is reordered like official.
+torchvision    ``torchvision.models.swin_t/s/b``: ``features.0.{0,2}`` patch embedding,
+               ``features.{1,3,5,7}.j`` blocks (``attn.qkv``, ``mlp.0``, ``mlp.3``),
+               ``features.{2,4,6}`` PatchMerging (official order), ``norm``, ``head``.
+=============  ====================================================================================
+
+Always: ``relative_position_index`` / ``attn_mask`` buffers are dropped (the model rebuilds them).
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ['FORMATS', 'FORMAT_DESCRIPTIONS', 'MAPPERS', 'MappedState', 'detect_format',
+           'detect_layout', 'official_to_unfold_norm', 'official_to_unfold_reduction',
+           'unwrap_state_dict']
+
+#: Source layouts :func:`detect_format` recognises.
+FORMATS = ('native', 'mmpretrain', 'official', 'official_det', 'timm', 'torchvision')
+
+FORMAT_DESCRIPTIONS = {
+    'native': 'swin_dense / mmdet 3.x / mmseg 1.x SwinTransformer layout',
+    'mmpretrain': 'mmpretrain / mmcls classifier (backbone.stages..., head.fc)',
+    'official': 'microsoft/Swin-Transformer classification checkpoint',
+    'official_det': 'official Swin-Transformer-Object-Detection / Semantic-Segmentation checkpoint',
+    'timm': 'timm >= 0.9 SwinTransformer (downsample at the start of each stage)',
+    'torchvision': 'torchvision.models.swin_t / swin_s / swin_b',
+}
+
+# Reasons shown in the report (also used by the tests).
+REASON_OUTPUT_NORM = 'per-output norm, new in dense backbones, starts at weight 1 bias 0'
+REASON_BUFFER = 'buffer (relative_position_index / attn_mask), rebuilt by the model, never loaded'
+REASON_FINAL_NORM = ('final norm of the classifier; a dense backbone normalises each output with '
+                     'its own norm{i} instead')
+REASON_HEAD = 'classifier head'
+REASON_REORDER = ('PatchMerging channels reordered from the official 2x2 concat order to '
+                  "nn.Unfold order (mmdet's swin_converter)")
+
+#: Buffers of the source models that ours rebuilds instead of loading.
+BUFFER_NAMES = ('relative_position_index', 'attn_mask', 'relative_coords_table')
+_CONTAINER_KEYS = ('state_dict', 'model', 'module', 'state_dict_ema', 'model_ema')
+
+
+# =====================================================================================
+# Unwrapping: container key, DataParallel prefix, backbone prefix
+# =====================================================================================
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values())
+
+
+def _outside_reason(key: str) -> str:
+    head = key.split('.', 1)[0]
+    if head == 'neck':
+        return 'neck of a detector / segmentor (not part of the backbone)'
+    if head in ('decode_head', 'auxiliary_head'):
+        return 'head of a segmentor (not part of the backbone)'
+    if head.endswith('head'):
+        return ('classifier head' if head == 'head'
+                else 'head of a detector (not part of the backbone)')
+    if head == 'data_preprocessor':
+        return 'data preprocessor (not part of the backbone)'
+    return 'outside the backbone'
+
+
+@dataclass
+class Unwrapped:
+    """The backbone tensors of a checkpoint, what was left aside (key -> reason) and why."""
+
+    state: 'OrderedDict[str, Tensor]'
+    unused: dict
+    notes: list
+    had_backbone_prefix: bool
+
+
+def _take_container(checkpoint: Mapping, notes: list) -> Mapping:
+    for key in _CONTAINER_KEYS:  # training checkpoints: take the first container present
+        value = checkpoint.get(key)
+        if isinstance(value, nn.Module):
+            value = value.state_dict()
+        if isinstance(value, Mapping):
+            others = [k for k in _CONTAINER_KEYS if k != key and _is_tensor_dict(checkpoint.get(k))]
+            if others:
+                notes.append(f'weights taken from {key!r}; the file also holds {others} (not used)')
+            return value
+    return checkpoint
+
+
+def unwrap(checkpoint: Mapping, prefix: Optional[str] = None) -> Unwrapped:
+    """Split a checkpoint dict into the backbone's tensors and the rest (see
+    :func:`unwrap_state_dict`)."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
+    notes, unused = [], {}
+    state = _take_container(checkpoint, notes)
+    if not state:
+        raise ValueError('the checkpoint holds no tensors (empty state dict)')
+    if not _is_tensor_dict(state):
+        raise ValueError('the checkpoint holds no state dict of tensors; top-level keys: '
+                         f'{list(checkpoint)[:8]}')
+
+    tensors = OrderedDict()
+    for k, v in state.items():
+        if isinstance(v, Tensor):
+            tensors[str(k)] = v
+        else:
+            unused[str(k)] = f'not a tensor ({type(v).__name__})'
+    if tensors and all(k.startswith('module.') for k in tensors):  # DataParallel / DDP
+        tensors = OrderedDict((k[len('module.'):], v) for k, v in tensors.items())
+        notes.append("stripped the 'module.' prefix (DataParallel / DDP)")
+
+    had_backbone_prefix = False
+    if prefix:
+        p = prefix if prefix.endswith('.') else prefix + '.'
+        kept = OrderedDict((k[len(p):], v) for k, v in tensors.items() if k.startswith(p))
+        if not kept:
+            raise ValueError(f'no key of the checkpoint starts with prefix {p!r}; keys look like '
+                             f'{list(tensors)[:5]}')
+        for k in tensors:
+            if not k.startswith(p):
+                unused[k] = f'outside prefix {p!r}'
+        tensors = kept
+        had_backbone_prefix = p == 'backbone.'
+        notes.append(f'kept the keys under prefix {p!r}')
+    elif any(k.startswith('backbone.') for k in tensors):
+        kept = OrderedDict()
+        for k, v in tensors.items():
+            if k.startswith('backbone.'):
+                kept[k[len('backbone.'):]] = v
+            else:
+                unused[k] = _outside_reason(k)
+        tensors = kept
+        had_backbone_prefix = True
+        notes.append("kept the 'backbone.' keys of a detector / segmentor / classifier file")
+    return Unwrapped(tensors, unused, notes, had_backbone_prefix)
+
+
+def unwrap_state_dict(checkpoint: Mapping,
+                      prefix: Optional[str] = None) -> 'OrderedDict[str, Tensor]':
+    """The backbone tensors of a checkpoint dict: container key, ``module.``, prefix removed.
+
+    Takes ``state_dict`` / ``model`` / ``module`` / ``state_dict_ema`` (in that order of
+    preference) when the dict is a training checkpoint; strips ``module.``; keeps the keys under
+    ``prefix`` (mmengine's meaning) or, without one, under ``backbone.`` when there are such keys.
+    """
+    return unwrap(checkpoint, prefix).state
+
+
+# =====================================================================================
+# Detection
+# =====================================================================================
+_TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
+NATIVE_BLOCK = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.qkv\.weight$')
+_OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
+_DOWNSAMPLE = re.compile(r'^layers[._](\d+)\.downsample\.')
+
+
+def detect_layout(keys: Iterable[str]) -> str:
+    """The naming family of backbone keys: native, official, timm or torchvision.
+
+    Raises:
+        ValueError: a Swin V2 checkpoint, or keys of no supported layout (a few are quoted).
+    """
+    keys = list(keys)
+    if any(('logit_scale' in k or 'cpb_mlp' in k) for k in keys):
+        raise ValueError('this is a Swin Transformer V2 checkpoint (logit_scale / cpb_mlp keys); '
+                         'SwinBackbone implements Swin V1 and cannot use it')
+    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+        return 'torchvision'
+    if any(NATIVE_BLOCK.match(k) for k in keys):
+        return 'native'
+    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
+        stages = {int(m.group(1)) for m in map(_DOWNSAMPLE.match, keys) if m}
+        if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
+            return 'official'
+        if stages or 'head.fc.weight' in keys:
+            return 'timm'
+        return 'official'  # single stage: no downsample, both layouts coincide
+    sample = ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+    raise ValueError(f'not a Swin Transformer checkpoint of a supported format; its keys look '
+                     f'like: {sample}. Supported formats: {", ".join(FORMATS)} '
+                     '(see swin_dense/checkpoint/formats.py)')
+
+
+def refine_format(layout: str, unwrapped: Unwrapped) -> str:
+    """Tell apart the formats that share a naming family, from what surrounds the backbone."""
+    if layout == 'official' and unwrapped.had_backbone_prefix:
+        return 'official_det'
+    if layout == 'native':
+        keys = unwrapped.state.keys()
+        classifier = any(k.startswith('head.') for k in unwrapped.unused)
+        dense = any(k.split('.', 1)[0] in ('neck', 'decode_head', 'auxiliary_head', 'rpn_head',
+                                            'roi_head', 'bbox_head') for k in unwrapped.unused)
+        if (unwrapped.had_backbone_prefix and classifier and not dense) or 'norm.weight' in keys:
+            return 'mmpretrain'
+    return layout
+
+
+def detect_format(state_dict: Mapping) -> str:
+    """The layout of a checkpoint dict or state dict: one of :data:`FORMATS`.
+
+    Raises:
+        ValueError: not a Swin V1 checkpoint of a supported layout; lists a few of its keys.
+    """
+    unwrapped = unwrap(state_dict)
+    return refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
+
+
+# =====================================================================================
+# PatchMerging channel order
+# =====================================================================================
+def official_to_unfold_reduction(weight: Tensor) -> Tensor:
+    """PatchMerging ``reduction.weight`` (out, 4C): official concat order -> nn.Unfold order.
+
+    Official input index ``k * C + c`` with ``k = dy + 2 * dx``; Unfold ``c * 4 + 2 * dy + dx``.
+    Same as mmdet's ``swin_converter``: ``reshape(out, 4, C)[:, [0, 2, 1, 3]]`` then transpose.
+    """
+    out_ch, in_ch = weight.shape
+    return weight.reshape(out_ch, 4, in_ch // 4)[:, [0, 2, 1, 3], :].transpose(1, 2).reshape(
+        out_ch, in_ch)
+
+
+def official_to_unfold_norm(vector: Tensor) -> Tensor:
+    """PatchMerging ``norm.weight`` / ``norm.bias`` (4C,): official order -> nn.Unfold order."""
+    in_ch = vector.shape[0]
+    return vector.reshape(4, in_ch // 4)[[0, 2, 1, 3], :].transpose(0, 1).reshape(in_ch)
+
+
+def _reorder_merging(our_key: str, value: Tensor) -> Tensor:
+    if our_key.endswith('reduction.weight'):
+        return official_to_unfold_reduction(value)
+    return official_to_unfold_norm(value)
+
+
+# =====================================================================================
+# Mappers: one pure function per source layout, source state -> MappedState (our names)
+# =====================================================================================
+@dataclass
+class MappedState:
+    """A source state dict under our names, with where each tensor came from."""
+
+    tensors: 'OrderedDict[str, Tensor]' = field(default_factory=OrderedDict)
+    origin: dict = field(default_factory=dict)  # our key -> source key
+    unused: dict = field(default_factory=dict)  # source key -> reason
+    converted: dict = field(default_factory=dict)  # our key -> what was done
+    pos_grid: Optional[tuple] = None  # source grid of absolute_pos_embed, when known
+
+    def put(self, ours: str, src: str, value: Tensor) -> None:
+        self.tensors[ours] = value
+        self.origin[ours] = src
+
+    def put_merging(self, ours: str, src: str, value: Tensor) -> None:
+        """A PatchMerging tensor in the official channel order, reordered to ours."""
+        self.put(ours, src, _reorder_merging(ours, value))
+        self.converted[ours] = REASON_REORDER
+
+
+def _block_suffix(suffix: str, mlp: Mapping[str, str]) -> Optional[str]:
+    """Map a block parameter name (after ``blocks.j.``) of the official family to ours."""
+    if suffix.startswith(('norm1.', 'norm2.')):
+        return suffix
+    for name in ('qkv.', 'proj.', 'relative_position_bias_table'):
+        if suffix.startswith('attn.' + name):
+            return 'attn.w_msa.' + suffix[len('attn.'):]
+    for src, dst in mlp.items():
+        if suffix.startswith(src):
+            return dst + suffix[len(src):]
+    return None
+
+
+_OFFICIAL_MLP = {'mlp.fc1.': 'ffn.layers.0.0.', 'mlp.fc2.': 'ffn.layers.1.'}
+_TV_MLP = {'mlp.0.': 'ffn.layers.0.0.', 'mlp.3.': 'ffn.layers.1.'}
+_OFFICIAL_BLOCK_KEY = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.(.+)$')
+_OFFICIAL_MERGING_KEY = re.compile(
+    r'^layers[._](\d+)\.downsample\.((?:reduction|norm)\.(?:weight|bias))$')
+_OUTPUT_NORM_KEY = re.compile(r'^norm\d+\.(weight|bias)$')
+
+
+def _head_reason(state: Mapping[str, Tensor]) -> Callable[[str], str]:
+    for k in ('head.weight', 'head.fc.weight'):
+        if k in state and state[k].dim() == 2:
+            return lambda key, n=state[k].shape[0]: f'{REASON_HEAD} ({n} classes)'
+    return lambda key: REASON_HEAD
+
+
+def _set_aside(key: str, out: MappedState, head_reason: Callable[[str], str]) -> bool:
+    """Keys every layout leaves out: rebuilt buffers and classifier heads."""
+    if key.rsplit('.', 1)[-1] in BUFFER_NAMES:
+        out.unused[key] = REASON_BUFFER
+        return True
+    if key.startswith('head.'):
+        out.unused[key] = head_reason(key)
+        return True
+    return False
+
+
+def _map_official_family(state: Mapping[str, Tensor], downsample_offset: int) -> MappedState:
+    """The microsoft naming: ``layers.i`` (timm: ``layers_i``), ``attn.qkv``, ``mlp.fc1``.
+
+    ``downsample_offset`` is the stage a ``layers.i.downsample`` belongs to, relative to ``i``:
+    0 where it ends stage i (official), -1 where it starts it (timm).
+    """
+    out, head = MappedState(), _head_reason(state)
+    for key, value in state.items():
+        if _set_aside(key, out, head):
+            continue
+        if key.startswith('patch_embed.'):
+            out.put(key.replace('patch_embed.proj.', 'patch_embed.projection.'), key, value)
+        elif key == 'absolute_pos_embed':
+            if value.dim() == 4:  # the detection repository: (1, C, H, W)
+                out.pos_grid = tuple(value.shape[2:])
+                value = value.flatten(2).transpose(1, 2)
+            out.put(key, key, value)
+        elif m := _OFFICIAL_BLOCK_KEY.match(key):
+            suffix = _block_suffix(m.group(3), _OFFICIAL_MLP)
+            if suffix is None:
+                out.unused[key] = 'unknown block parameter'
+            else:
+                out.put(f'stages.{m.group(1)}.blocks.{m.group(2)}.{suffix}', key, value)
+        elif m := _OFFICIAL_MERGING_KEY.match(key):
+            stage = int(m.group(1)) + downsample_offset
+            if stage < 0:
+                out.unused[key] = 'downsample before the first stage (unexpected)'
+            else:
+                out.put_merging(f'stages.{stage}.downsample.{m.group(2)}', key, value)
+        elif _OUTPUT_NORM_KEY.match(key):  # the detection repository's per-output norms
+            out.put(key, key, value)
+        elif key.startswith('norm.'):
+            out.unused[key] = REASON_FINAL_NORM
+        else:
+            out.unused[key] = 'not a Swin backbone tensor'
+    return out
+
+
+def map_official(state: Mapping[str, Tensor]) -> MappedState:
+    """microsoft/Swin-Transformer classification: downsample at the end of its stage."""
+    return _map_official_family(state, downsample_offset=0)
+
+
+def map_official_det(state: Mapping[str, Tensor]) -> MappedState:
+    """The official detection / segmentation repositories: the classification naming, plus
+    per-output ``norm{i}`` and a (1, C, H, W) ``absolute_pos_embed``."""
+    return _map_official_family(state, downsample_offset=0)
+
+
+def map_timm(state: Mapping[str, Tensor]) -> MappedState:
+    """timm >= 0.9: ``layers.i.downsample`` (i >= 1) belongs to the end of our stage i - 1."""
+    return _map_official_family(state, downsample_offset=-1)
+
+
+_TV_PATCH_EMBED = {'0.weight': 'patch_embed.projection.weight',
+                   '0.bias': 'patch_embed.projection.bias',
+                   '2.weight': 'patch_embed.norm.weight', '2.bias': 'patch_embed.norm.bias'}
+_TV_FEATURE = re.compile(r'^features\.(\d+)\.(.+)$')
+
+
+def map_torchvision(state: Mapping[str, Tensor]) -> MappedState:
+    """``features.0`` patch embedding, ``features.{2i+1}`` stage i, ``features.{2i+2}`` merging."""
+    out, head = MappedState(), _head_reason(state)
+    for key, value in state.items():
+        if _set_aside(key, out, head):
+            continue
+        m = _TV_FEATURE.match(key)
+        if m is None:
+            out.unused[key] = (REASON_FINAL_NORM if key.startswith('norm.')
+                               else 'not a Swin backbone tensor')
+            continue
+        index, rest = int(m.group(1)), m.group(2)
+        if index == 0:  # Sequential(Conv2d, Permute, LayerNorm)
+            if rest in _TV_PATCH_EMBED:
+                out.put(_TV_PATCH_EMBED[rest], key, value)
+            else:
+                out.unused[key] = 'not a Swin backbone tensor'
+        elif index % 2 == 1:  # stage (index - 1) // 2: Sequential of blocks
+            j, _, suffix = rest.partition('.')
+            ours = _block_suffix(suffix, _TV_MLP) if j.isdigit() else None
+            if ours is None:
+                out.unused[key] = 'unknown block parameter'
+            else:
+                out.put(f'stages.{(index - 1) // 2}.blocks.{j}.{ours}', key, value)
+        elif rest in ('reduction.weight', 'norm.weight', 'norm.bias'):  # after stage index//2 - 1
+            out.put_merging(f'stages.{index // 2 - 1}.downsample.{rest}', key, value)
+        else:
+            out.unused[key] = 'unknown PatchMerging parameter'
+    return out
+
+
+def _map_native_family(state: Mapping[str, Tensor], legacy_final_norm: bool) -> MappedState:
+    out, head = MappedState(), _head_reason(state)
+    last = max((int(m.group(1)) for m in map(NATIVE_BLOCK.match, state) if m), default=0)
+    for key, value in state.items():
+        if _set_aside(key, out, head):
+            continue
+        if key.startswith('norm.') and legacy_final_norm:  # mmcls < 0.21: norm -> norm{last}
+            ours = f'norm{last}.' + key[len('norm.'):]
+            out.put(ours, key, value)
+            out.converted[ours] = (f"legacy mmcls final norm 'norm.' loaded as norm{last}, "
+                                   'as mmpretrain does')
+        elif key.startswith('norm.'):
+            out.unused[key] = REASON_FINAL_NORM
+        else:
+            out.put(key, key, value)
+    return out
+
+
+def map_native(state: Mapping[str, Tensor]) -> MappedState:
+    """Ours / mmdet / mmseg: names and channel order already match; buffers are dropped."""
+    return _map_native_family(state, legacy_final_norm=False)
+
+
+def map_mmpretrain(state: Mapping[str, Tensor]) -> MappedState:
+    """mmpretrain / mmcls: the native naming; a legacy final ``norm.`` becomes ``norm{last}``."""
+    return _map_native_family(state, legacy_final_norm=True)
+
+
+#: The mapper of each format.
+MAPPERS: dict[str, Callable[[Mapping[str, Tensor]], MappedState]] = {
+    'native': map_native, 'mmpretrain': map_mmpretrain, 'official': map_official,
+    'official_det': map_official_det, 'timm': map_timm, 'torchvision': map_torchvision,
+}
