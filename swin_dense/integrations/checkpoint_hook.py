@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os.path as osp
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend, get_file_backend, register_backend
@@ -43,6 +43,9 @@ from mmengine.registry import HOOKS
 
 from ..fileio import atomic_write, remove_stale_temporaries
 from .rng_state import RNG_KEY, gather_rng_states
+
+if TYPE_CHECKING:
+    from mmengine.runner import Runner
 
 __all__ = ['ATOMIC_BACKEND', 'AtomicCheckpointHook', 'AtomicLocalBackend']
 
@@ -107,7 +110,7 @@ class AtomicCheckpointHook(CheckpointHook):
                       "mmengine's order of pointer and deletions)", logger='current',
                       level=logging.WARNING)
 
-    def before_train(self, runner) -> None:
+    def before_train(self, runner: Runner) -> None:
         out_dir = runner.work_dir if self.out_dir is None else self.out_dir
         if self._choose_backend and _is_local(out_dir):
             self.backend_args = dict(backend=ATOMIC_BACKEND)
@@ -119,12 +122,13 @@ class AtomicCheckpointHook(CheckpointHook):
         return (name == POINTER or name.endswith('.pth')
                 or re.fullmatch(f'(best_.*)?{numbered}', name) is not None)
 
-    def _remove_stale_temporaries(self, runner) -> None:
+    def _remove_stale_temporaries(self, runner: Runner) -> None:
         remove_stale_temporaries(runner.work_dir, self._is_checkpoint_name)  # the pointer's
         if self.out_dir != runner.work_dir and _is_local(self.out_dir):
             remove_stale_temporaries(self.out_dir, self._is_checkpoint_name)
 
-    def _save_checkpoint_with_step(self, runner, step: int, meta: Optional[dict]) -> None:
+    def _save_checkpoint_with_step(self, runner: Runner, step: int,
+                                   meta: Optional[dict]) -> None:
         """mmengine 0.10's bookkeeping (``keep_ckpt_ids``, ``last_ckpt`` in the message hub,
         what is saved and by which rank) in a crash-safe order: RNG states gathered into
         ``meta``, the checkpoint written, then the pointer replaced, then outdated checkpoints

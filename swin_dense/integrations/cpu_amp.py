@@ -28,12 +28,15 @@ import functools
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import torch
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 __all__ = ['CPUAmpOptimWrapper', 'mmcv_ops_in_fp32', 'use_cpu_amp']
 
@@ -196,7 +199,7 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
             super().backward(loss, **kwargs)
 
 
-def use_cpu_amp(cfg) -> Optional[str]:
+def use_cpu_amp(cfg: Config) -> Optional[str]:
     """Turn the config's ``AmpOptimWrapper`` into :class:`CPUAmpOptimWrapper` (in place).
 
     Returns the message logged, or None when the config does not use ``AmpOptimWrapper``.

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
+
+if TYPE_CHECKING:
+    from mmengine.runner import Runner
 
 __all__ = ['RNG_KEY', 'ResumeRandomStateHook', 'capture_rng_state', 'gather_rng_states',
            'restore_rng_state']
@@ -90,7 +93,7 @@ class ResumeRandomStateHook(Hook):
     def __init__(self) -> None:
         self._pending: Optional[dict] = None
 
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
         if not getattr(runner, '_resume', False):
             return
         saved = (checkpoint.get('meta') or {}).get(RNG_KEY)
@@ -101,7 +104,7 @@ class ResumeRandomStateHook(Hook):
             return
         self._pending = saved
 
-    def before_train(self, runner) -> None:
+    def before_train(self, runner: Runner) -> None:
         if self._pending is None:
             return
         from mmengine.dist import get_rank, get_world_size

@@ -12,11 +12,14 @@ import os
 import os.path as osp
 import zipfile
 from copy import deepcopy
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from .config import registry, toolkit_of
 from .errors import (ChannelMismatchError, CheckpointCorruptError, CheckpointNotFoundError,
                      DataNotFoundError, PretrainedNotFoundError)
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 __all__ = ['check_channels', 'check_checkpoint_file', 'check_data', 'check_pretrained']
 
@@ -123,7 +126,7 @@ _PHASE_LOADERS = {'train': ('train_dataloader', 'val_dataloader'), 'test': ('tes
 _PHASE_EVALUATORS = {'train': ('val_evaluator',), 'test': ('test_evaluator',)}
 
 
-def _phase_keys(cfg, phase: str) -> tuple[list[str], list[str]]:
+def _phase_keys(cfg: Config, phase: str) -> tuple[list[str], list[str]]:
     loaders = list(_PHASE_LOADERS[phase])
     evaluators = list(_PHASE_EVALUATORS[phase])
     if phase == 'train' and not (cfg.get('val_cfg') and cfg.get('val_dataloader')
@@ -133,7 +136,7 @@ def _phase_keys(cfg, phase: str) -> tuple[list[str], list[str]]:
     return loaders, evaluators
 
 
-def check_data(cfg, phase: str) -> None:
+def check_data(cfg: Config, phase: str) -> None:
     """Raise :class:`DataNotFoundError` unless every dataset file the run reads exists.
 
     ``phase`` 'train' checks the training data and, when the config validates, the validation
@@ -188,7 +191,7 @@ def check_data(cfg, phase: str) -> None:
     raise DataNotFoundError('\n'.join(lines))
 
 
-def _override_hint(cfg) -> str:
+def _override_hint(cfg: Config) -> str:
     """A ``--cfg-options`` argument list pointing every dataset and evaluator at /path/to/data/."""
     new = '/path/to/dataset/'
     parts = []
@@ -237,7 +240,7 @@ def _pretrained_paths(model: Any, where: str = 'model') -> Iterator[tuple[str, s
             yield from _pretrained_paths(v, f'{where}.{i}')
 
 
-def check_pretrained(cfg) -> None:
+def check_pretrained(cfg: Config) -> None:
     """Raise :class:`PretrainedNotFoundError` when a ``Pretrained`` file of the model is missing.
 
     SwinBackbone never downloads, so a URL in its ``init_cfg`` is an error too; other modules'
@@ -354,7 +357,7 @@ def _head_problems(model: dict, out: Sequence[int]) -> list[tuple[str, Any, Any]
     return problems
 
 
-def check_channels(cfg) -> None:
+def check_channels(cfg: Config) -> None:
     """Raise :class:`ChannelMismatchError` when the model's ``in_channels`` do not fit the backbone.
 
     With a neck (FPN, ChannelMapper...): its list ``in_channels`` must equal the backbone's

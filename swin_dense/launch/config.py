@@ -11,9 +11,12 @@ import difflib
 import os
 import os.path as osp
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import ConfigNotFoundError, UnsupportedToolkitError
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 __all__ = ['TOOLKITS', 'add_launch_arguments', 'load_config', 'parse_tool_args',
            'prepare_demo_data', 'registry', 'setup_local_rank', 'setup_toolkit', 'toolkit_of']
@@ -77,7 +80,7 @@ def _config_candidates(path: str) -> list[str]:
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = 'none',
-                work_dir: Optional[str] = None):
+                work_dir: Optional[str] = None) -> Config:
     """Read a config as the upstream tools do: ``Config.fromfile``, then ``--cfg-options``,
     ``launcher`` and the work dir (CLI > ``work_dir`` in the config > ``./work_dirs/NAME``)."""
     from mmengine.config import Config
@@ -98,7 +101,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     return cfg
 
 
-def toolkit_of(cfg) -> str:
+def toolkit_of(cfg: Config) -> str:
     """``'mmdet'`` or ``'mmseg'`` from the config's ``default_scope``; anything else is an error."""
     scope = cfg.get('default_scope', None)
     if scope not in TOOLKITS:
@@ -109,7 +112,7 @@ def toolkit_of(cfg) -> str:
     return scope
 
 
-def setup_toolkit(cfg) -> str:
+def setup_toolkit(cfg: Config) -> str:
     """Register the modules of the config's toolkit (picked from ``default_scope``) and this
     package's hooks and optim wrapper; return the toolkit."""
     toolkit = toolkit_of(cfg)
@@ -133,7 +136,7 @@ def registry(toolkit: str, name: str):
     return getattr(module, name)
 
 
-def prepare_demo_data(cfg) -> Optional[Path]:
+def prepare_demo_data(cfg: Config) -> Optional[Path]:
     """Build the config's ``demo_data = dict(kind=..., root=..., ...)`` dataset when absent
     (safe from several processes); None when the config has none."""
     spec: Any = cfg.get('demo_data', None)

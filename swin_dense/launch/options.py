@@ -6,15 +6,19 @@ import argparse
 import logging
 import warnings
 from copy import deepcopy
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .checks import check_checkpoint_file
 from .errors import LaunchError
 
+if TYPE_CHECKING:
+    from mmengine.config import Config
+
 __all__ = ['CHECKPOINT_HOOK', 'INTEGRATIONS_MODULE', 'RNG_HOOK', 'apply_test_options',
            'apply_train_options', 'select_crash_safe_training']
 
-#: What :func:`select_crash_safe_training` puts in a config (registered by ``swin_dense.integrations``).
+#: What :func:`select_crash_safe_training` puts in a config (``swin_dense.integrations`` registers
+#: the two hooks).
 CHECKPOINT_HOOK = 'AtomicCheckpointHook'
 RNG_HOOK = 'ResumeRandomStateHook'
 INTEGRATIONS_MODULE = 'swin_dense.integrations'
@@ -30,7 +34,7 @@ def _type_name(value: Any) -> Any:
     return value.__name__ if isinstance(value, type) else value
 
 
-def select_crash_safe_training(cfg) -> list[str]:
+def select_crash_safe_training(cfg: Config) -> list[str]:
     """Select atomic checkpoints and exact resume in ``cfg`` (in place); return what changed.
 
     - ``default_hooks.checkpoint.type``: mmengine's ``CheckpointHook`` becomes
@@ -64,7 +68,7 @@ def select_crash_safe_training(cfg) -> list[str]:
     return changed
 
 
-def apply_train_options(cfg, toolkit: str, amp: bool = False, auto_scale_lr: bool = False,
+def apply_train_options(cfg: Config, toolkit: str, amp: bool = False, auto_scale_lr: bool = False,
                         resume: Optional[str] = None) -> None:
     """``--amp``, ``--auto-scale-lr`` and ``--resume [CKPT]`` as mmdet's tools/train.py.
 
@@ -104,7 +108,7 @@ def _has_mask_head(model: Any) -> bool:
     return False
 
 
-def _mmdet_tta(cfg) -> None:
+def _mmdet_tta(cfg: Config) -> None:
     """mmdet's tools/test.py ``--tta``: its defaults when the config has no tta_model /
     tta_pipeline (that code lives in the tool script, not in the mmdet package)."""
     from mmengine import ConfigDict
@@ -129,7 +133,7 @@ def _mmdet_tta(cfg) -> None:
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
 
-def _show(cfg, toolkit: str, show: bool, show_dir: Optional[str], wait_time: float) -> None:
+def _show(cfg: Config, toolkit: str, show: bool, show_dir: Optional[str], wait_time: float) -> None:
     hooks = cfg.get('default_hooks') or {}
     if 'visualization' not in hooks:
         raise LaunchError('--show / --show-dir need a VisualizationHook in default_hooks: '
@@ -151,7 +155,7 @@ def _show(cfg, toolkit: str, show: bool, show_dir: Optional[str], wait_time: flo
         cfg.visualizer['save_dir'] = show_dir
 
 
-def apply_test_options(cfg, toolkit: str, checkpoint: str, show: bool = False,
+def apply_test_options(cfg: Config, toolkit: str, checkpoint: str, show: bool = False,
                        show_dir: Optional[str] = None, wait_time: float = 2,
                        tta: bool = False, out: Optional[str] = None) -> None:
     """``CHECKPOINT``, ``--show/--show-dir/--wait-time``, ``--tta`` and (mmseg) ``--out`` as the

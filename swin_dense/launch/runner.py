@@ -14,12 +14,16 @@ import gc
 import logging
 import os.path as osp
 import sys
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from .checks import check_channels, check_data, check_pretrained
 from .config import load_config, prepare_demo_data, registry, setup_toolkit
 from .errors import DeviceError, LaunchError
 from .options import apply_test_options, apply_train_options, select_crash_safe_training
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
+    from mmengine.runner import Runner
 
 __all__ = ['adapt_to_device', 'build_runner', 'run_tool', 'test', 'train']
 
@@ -37,7 +41,7 @@ def _cuda_available() -> bool:
 # =====================================================================================
 # Device
 # =====================================================================================
-def adapt_to_device(cfg, phase: str) -> None:
+def adapt_to_device(cfg: Config, phase: str) -> None:
     """On a machine without CUDA: gloo, no cudnn benchmark, CPU DDP (SyncBN as BN); AMP training
     with ``CPUAmpOptimWrapper`` (bf16 autocast). A CUDA machine keeps the config."""
     if _cuda_available():
@@ -78,7 +82,7 @@ def _sync_bn_to_bn(node: Any, where: str) -> list[str]:
     return changed
 
 
-def _sync_bn_to_bn_on_cpu(cfg) -> None:
+def _sync_bn_to_bn_on_cpu(cfg: Config) -> None:
     """Distributed on CPU (gloo): torch's SyncBatchNorm raises on CPU tensors in training, so
     SyncBN (e.g. mmseg's UperNet heads) becomes plain BN, each process normalising over its own
     batch. A non-distributed run needs nothing: mmengine's Runner reverts SyncBN to BN itself."""
@@ -91,7 +95,7 @@ def _sync_bn_to_bn_on_cpu(cfg) -> None:
              'instead in ' + ', '.join(changed), logging.WARNING)
 
 
-def _init_cpu_distributed(cfg) -> None:
+def _init_cpu_distributed(cfg: Config) -> None:
     """mmengine's ``init_dist`` calls ``torch.cuda.set_device``: on CPU-only machines start the
     gloo process group here, so the Runner finds it initialised."""
     launcher = cfg.get('launcher', 'none')
@@ -113,7 +117,7 @@ def _init_cpu_distributed(cfg) -> None:
 # =====================================================================================
 # Runner
 # =====================================================================================
-def build_runner(cfg, toolkit: str):
+def build_runner(cfg: Config, toolkit: str) -> Runner:
     """As upstream: ``Runner.from_cfg``, or the toolkit's RUNNERS when ``runner_type`` is set."""
     _init_cpu_distributed(cfg)
     if 'runner_type' not in cfg:

@@ -11,8 +11,8 @@ attention in which the mask decides the result) they stay finite, fp16's first t
 within 1e-2 and every stage within 0.2. The looser bound is bf16's resolution, not a bug: bf16
 keeps 8 mantissa bits (one rounding is 2**-9, about 2e-3 relative) and peaked softmaxes amplify
 rounding with depth. On CPU, autocast also runs LayerNorm and softmax in low precision (CUDA
-keeps them in fp32, where the errors are expected to be smaller). In one shifted-window layer with large
-logits, masked pairs get no probability in either dtype. Gradients (all parameters together,
+keeps them in fp32, where the errors are expected to be smaller). In one shifted-window layer
+with large logits, masked pairs get no probability in either dtype. Gradients (all parameters together,
 through a fixed random projection of the outputs, since the plain sum of LayerNorm outputs has
 an almost-zero gradient) are finite, fp32 (master weights) and within 5e-3 (fp16) / 2e-2 (bf16).
 
