@@ -56,14 +56,14 @@ import argparse
 import fcntl
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from .fileio import atomic_directory
 
 __all__ = [
     'ADE_DEMO_CLASSES',
@@ -340,8 +340,9 @@ def _build_atomically(
     """Return ``root`` holding the dataset described by ``params``, building it if needed.
 
     The dataset is built by ``build(tmp_dir)`` in a temporary sibling directory, which gets the
-    manifest last and is then renamed to ``root``.  A sibling lock file serialises concurrent
-    builders; a waiter finds the finished dataset once it gets the lock.  An existing ``root`` is
+    manifest last and then replaces ``root`` (:func:`swin_dense.fileio.atomic_directory`).  A
+    sibling lock file serialises concurrent builders; a waiter finds the finished dataset once
+    it gets the lock.  An existing ``root`` is
     replaced only if it is empty or is a demo dataset built with other parameters.
     """
     root = Path(os.path.abspath(root))
@@ -354,23 +355,12 @@ def _build_atomically(
             return root
         if root.exists() and any(root.iterdir()) and not (root / MANIFEST_NAME).exists():
             raise FileExistsError(f'{root} exists and is not a demo dataset; not replacing it')
-        for stale in root.parent.glob(f'.{root.name}.tmp-*'):  # left by a killed builder
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
-        try:
+
+        def build_with_manifest(tmp: Path) -> None:
             build(tmp)
-            _write_json(params, tmp / MANIFEST_NAME)
-            tmp.chmod(0o755)
-            if root.exists():
-                old = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
-                os.replace(root, old)
-                os.replace(tmp, root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _write_json(params, tmp / MANIFEST_NAME)  # last: marks the dataset complete
+
+        atomic_directory(root, build_with_manifest)
     return root
 
 

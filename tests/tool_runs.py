@@ -42,11 +42,13 @@ def tiny_detector(max_epochs: int, *extra: str) -> list[str]:
 
 
 def tool_env(threads: int | None = None) -> dict:
-    """This environment with the repository importable; ``threads`` forces OMP_NUM_THREADS
+    """This environment with the package (the repository root) and the tests' helpers (tests/)
+    on PYTHONPATH, as an installed package would be; ``threads`` forces OMP_NUM_THREADS
     (default: 2 unless already set)."""
     env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in
-                                         env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    first = [str(REPO), str(REPO / 'tests')]
+    env['PYTHONPATH'] = os.pathsep.join(first + [p for p in env.get('PYTHONPATH', '').split(
+        os.pathsep) if p and p not in first])
     if threads is None:
         env.setdefault('OMP_NUM_THREADS', '2')
     else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Distributed training with torchrun, from any working directory:
+# Distributed training with torchrun, from any working directory (swin_dense installed):
 #
 #   bash tools/dist_train.sh CONFIG GPUS [train.py options...]
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 PORT=29500 bash tools/dist_train.sh CONFIG 8 ...
@@ -19,9 +19,7 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 TOOLS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(dirname "$TOOLS_DIR")"
 
-PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" \
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \

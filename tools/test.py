@@ -10,12 +10,16 @@ Same options as mmdet 3.3.0's / mmseg 1.2.2's tools/test.py. --out: a .pkl of th
 WORK_DIR/TIMESTAMP/ when relative (mmdet) or in that directory (mmseg).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from swin_dense import launch  # noqa: E402
+try:
+    from swin_dense import launch
+except ModuleNotFoundError as error:  # the tools use the installed package
+    if error.name != 'swin_dense':
+        raise
+    sys.exit('error: swin_dense is not importable in this Python environment: install it with '
+             '`pip install -e .` in the repository (bash tools/setup_env.sh installs the whole '
+             'stack), or put the repository on PYTHONPATH')
 
 
 def parse_args(argv=None):

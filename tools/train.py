@@ -4,16 +4,22 @@
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]] [--auto-scale-lr]
                                  [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
 
-Same options as mmdet 3.3.0's tools/train.py. Works from any working directory (relative paths
-in the config, such as data_root and work_dirs, are relative to the working directory).
+Same options as mmdet 3.3.0's tools/train.py, from any working directory, with swin_dense
+installed (relative paths in the config, such as data_root and work_dirs, are relative to the
+working directory). Every run gets crash-safe checkpoints and exact resume: the config's
+CheckpointHook becomes AtomicCheckpointHook and ResumeRandomStateHook joins custom_hooks.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from swin_dense import launch  # noqa: E402
+try:
+    from swin_dense import launch
+except ModuleNotFoundError as error:  # the tools use the installed package
+    if error.name != 'swin_dense':
+        raise
+    sys.exit('error: swin_dense is not importable in this Python environment: install it with '
+             '`pip install -e .` in the repository (bash tools/setup_env.sh installs the whole '
+             'stack), or put the repository on PYTHONPATH')
 
 
 def parse_args(argv=None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import pickle
 import re
 import shutil
@@ -21,7 +20,9 @@ import pytest
 pytest.importorskip('mmdet')
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+from tool_runs import tool_env  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / 'tools'
 DEMO = str(REPO / 'configs' / 'mask_rcnn' / 'swin_t_demo.py')
 TINY = ['demo_data.num_train=8', 'demo_data.num_val=4', 'demo_data.image_size=64',
@@ -30,9 +31,8 @@ METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_
 
 
 def env():
-    """A fresh shell's environment: this checkout is not on PYTHONPATH."""
-    e = {k: v for k, v in os.environ.items()
-         if k not in ('PYTHONPATH', 'LOCAL_RANK', 'RANK', 'WORLD_SIZE')}
+    """A fresh shell's environment, with the package importable as installed (tool_env)."""
+    e = {k: v for k, v in tool_env().items() if k not in ('LOCAL_RANK', 'RANK', 'WORLD_SIZE')}
     e['PYTHON'] = sys.executable
     return e
 

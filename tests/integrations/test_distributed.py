@@ -1,11 +1,12 @@
 """Distributed training on CPU (torchrun + gloo).
 
-The file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_distributed.py
-worker ...`` trains a narrow SwinBackbone (or mmdet's SwinTransformer) with a 1x1-conv head under
-DistributedDataParallel; ``python tests/test_distributed.py worker ...`` (no torchrun) trains the
-same model in one process without DDP.
+The file is also the worker script: ``torchrun --nproc_per_node 2
+tests/integrations/test_distributed.py worker ...`` trains a narrow SwinBackbone (or mmdet's
+SwinTransformer) with a 1x1-conv head under DistributedDataParallel;
+``python tests/integrations/test_distributed.py worker ...`` (no torchrun) trains the same model
+in one process without DDP. The package and tests/ come from PYTHONPATH (tool_runs.tool_env).
 
-Why equality is expected: the backbone has no BatchNorm (LayerNorm only, per sample), drop path
+Why the results should agree: the backbone has no BatchNorm (LayerNorm only, per sample), drop path
 and dropout are off (their random draws depend on the local batch shape), every process builds
 the same data and initial weights (seeded; DDP also broadcasts rank 0's), and each rank's loss is
 the mean over its local images. DDP averages gradients over the ranks, so with equal local
@@ -26,7 +27,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
              drop_path_rate=0.0)
 LOSS_RTOL = 1e-5
@@ -42,7 +42,6 @@ def _build(impl: str, with_cp: bool, frozen: int):
     if impl == 'mmdet':
         from mmdet.models.backbones import SwinTransformer as Backbone
     else:
-        sys.path.insert(0, str(REPO))
         from swin_dense import SwinBackbone as Backbone
     torch.manual_seed(0)
     backbone = Backbone(**SMALL, with_cp=with_cp, frozen_stages=frozen)
@@ -175,7 +174,8 @@ def _assert_grads_synchronised(out: Path, frozen_prefixes=()) -> None:
             assert g0[name] is None and g1[name] is None, name  # frozen: no gradient
             continue
         assert g0[name] is not None, name
-        assert torch.equal(g0[name], g1[name]), name  # all-reduced: the same on every rank
+        # one all-reduce delivers the same bits to every rank: identity is the claim here
+        assert torch.equal(g0[name], g1[name]), name
 
 
 def _compare(one: dict, two: dict) -> tuple[float, float]:
@@ -201,11 +201,8 @@ def test_two_processes_equal_one_process_with_the_same_total_batch(tmp_path, wit
     opts = ['--batch', 4, '--steps', 3, '--frozen', frozen] + (['--with-cp'] if with_cp else [])
     one = _result(tmp_path / 'one', _run_worker(tmp_path / 'one', 1, *opts))
     two = _result(tmp_path / 'two', _run_worker(tmp_path / 'two', 2, *opts))
-    loss_rel, param_diff = _compare(one, two)
+    _compare(one, two)
     _assert_grads_synchronised(tmp_path / 'two', FROZEN_1 if frozen == 1 else ())
-    print(f'\nwith_cp={with_cp} frozen_stages={frozen}: losses 1 proc {one["losses"]}, '
-          f'2 procs {two["losses"]}; max relative loss difference {loss_rel:.2e}, '
-          f'max parameter difference {param_diff:.2e}')
 
 
 @pytest.mark.slow
