@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import machine, onnx_rows, padding, report
+from benchmarks.render import SchemaError, validate
 from tool_runs import REPO, run_to_end
-
-sys.path.insert(0, str(REPO))
-from benchmarks import machine, onnx_rows, padding, report  # noqa: E402
-from benchmarks.render import SchemaError, validate  # noqa: E402
 
 TOOL = REPO / 'tools' / 'benchmark.py'
 

@@ -47,7 +47,9 @@ from typing import Callable, Optional
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# The measuring helpers in benchmarks/ belong to the repository, not to the installed package
+# (swin_dense itself comes from the installation, as for every tool).
+sys.path.append(str(REPO))
 
 from benchmarks import onnx_rows  # noqa: E402
 from benchmarks.machine import machine_record, torch_build  # noqa: E402

@@ -7,7 +7,7 @@
 _base_ = ['mmseg::mask2former/mask2former_swin-t_8xb2-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['mmdet.models', 'swin_dense'], allow_failed_imports=False)
 
-# The official ImageNet-1K weights (any supported format loads: official, mmseg, timm; see README):
+# The official ImageNet-1K weights (any supported format loads: official, mmseg, timm; docs/checkpoints.md):
 #   https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth
 pretrained = 'checkpoints/swin_tiny_patch4_window7_224.pth'
 model = dict(

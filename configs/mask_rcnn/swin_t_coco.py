@@ -5,7 +5,7 @@
 _base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
 custom_imports = dict(imports=['swin_dense'], allow_failed_imports=False)
 
-# The official ImageNet-1K Swin-T file (any supported format loads; see README):
+# The official ImageNet-1K Swin-T file (any supported format loads; docs/checkpoints.md):
 # https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth
 pretrained = 'checkpoints/swin_tiny_patch4_window7_224.pth'
 model = dict(

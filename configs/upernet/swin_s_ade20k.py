@@ -2,13 +2,13 @@
 # 512x512 crops, 160k iterations, 8 GPUs x 2 images. Resolves to mmseg 1.2.2's
 #   configs/swin/swin-small-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py
 # except the backbone type and where its ImageNet weights come from (a local file; nothing is
-# downloaded). SyncBN in the heads becomes BN by itself in a non-distributed run (see README).
+# downloaded). SyncBN in the heads becomes BN by itself in a non-distributed run (docs/reproducing.md).
 # Expected mIoU, single-scale / multi-scale + flip: 47.72 / 49.24 (mmseg),
 #   47.64 / 49.47 (official repo).
 _base_ = ['mmseg::swin/swin-small-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['swin_dense'], allow_failed_imports=False)
 
-# The official ImageNet weights (any supported format loads: official, mmseg, timm; see README):
+# The official ImageNet weights (any supported format loads: official, mmseg, timm; docs/checkpoints.md):
 #   https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_small_patch4_window7_224.pth
 checkpoint_file = 'checkpoints/swin_small_patch4_window7_224.pth'
 model = dict(

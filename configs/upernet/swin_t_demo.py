@@ -73,7 +73,7 @@ model = dict(
                   stride=(image_size // 4, image_size // 4)))
 
 # ------------------------------------------------------------------ schedule
-# 300 iterations of 4 images (6-8 minutes on 2 free CPU cores, see README); from scratch, hence a
+# 300 iterations of 4 images (6-8 minutes on 2 free CPU cores, docs/reproducing.md); from scratch, hence a
 # larger learning rate than the fine-tuning 6e-5 and a short warm-up, then the same poly decay.
 max_iters = 300
 warmup_iters = 30
