@@ -28,7 +28,8 @@ def export_onnx(module: nn.Module, example: Tensor, path: str, *, dynamic: bool 
 
     Args:
         module: in eval mode; takes one image batch ``(B, 3, H, W)``.
-        example: the batch the export traces with.
+        example: the batch the export traces with (with ``dynamic``, its sides should give the
+            last stage more than one window per side, e.g. 512: the backbone warns otherwise).
         path: the ``.onnx`` file to write (its folder is created).
         dynamic: batch, height and width are dynamic axes (else the file is for that shape).
         exporter: ``'dynamo'`` or ``'torchscript'``.
@@ -37,6 +38,9 @@ def export_onnx(module: nn.Module, example: Tensor, path: str, *, dynamic: bool 
     """
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}')
+    if dynamic and example.shape[0] == 1:
+        # torch.export specialises a dimension that is 1 in the example: trace with two images
+        example = torch.cat([example, example])
     with torch.no_grad():
         num_outputs = len(_as_tuple(module(example)))
     names = list(output_names or [f'out{i}' for i in range(num_outputs)])

@@ -104,7 +104,7 @@ def test_dynamic_segmentor_export_runs_at_unseen_sizes(tmp_path, exporter):
     cfg, model = _build(SEG_DEMO, TINY_SEG)
     graph = deploy.ExportGraph(model, 'mmseg').eval()
     path = str(tmp_path / 'seg.onnx')
-    deploy.export_onnx(graph, deploy.example_input((64, 64)), path, dynamic=True,
+    deploy.export_onnx(graph, deploy.example_input((256, 256)), path, dynamic=True,
                        exporter=exporter, output_names=['logits'])
     report = deploy.graph_report(path)
     assert report['domains'] == ['ai.onnx'] and report['control_flow'] == []
@@ -134,11 +134,11 @@ def test_export_tool_writes_and_checks_a_dynamic_detector(tmp_path):
     options = [f'{k}={v}'.replace(' ', '') for k, v in TINY_DET.items()]
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'export.py'), DET_DEMO, '--out', str(out),
-         '--shape', '64', '96', '--dynamic', '--cfg-options', *options],
+         '--shape', '256', '320', '--dynamic', '--cfg-options', *options],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.is_file() and 'ok: onnxruntime equals PyTorch' in proc.stdout
-    assert 'input (2, 3, 160, 256)' in proc.stdout  # checked at another size, batch 2
+    assert 'input (2, 3, 352, 480)' in proc.stdout  # checked at another size, batch 2
 
 
 @pytest.mark.slow
