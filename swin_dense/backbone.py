@@ -1,8 +1,14 @@
 """SwinBackbone: the four-stage Swin Transformer pyramid for mmdet and mmseg.
 
 A drop-in for mmdet's / mmseg's ``SwinTransformer``: same constructor arguments with the same
-meanings and defaults, same parameter names, same outputs to the last digit (see
-``tests/test_parity.py``). Use it as ``backbone=dict(type='SwinBackbone', arch='tiny', ...)``.
+meanings and defaults, same parameter names, same outputs up to float32 rounding (see
+``tests/integration/test_parity.py``). Use it as
+``backbone=dict(type='SwinBackbone', arch='tiny', ...)``.
+
+The forward runs the plain formulas whenever a graph is captured (``torch.jit.trace``,
+``torch.export``, ONNX export, ``torch.compile``, the FLOP counters that trace) and the eager
+fast path otherwise; ``SWIN_DENSE_CPU_FAST=0`` or ``swin_dense.ops.cpu_fast.enabled(False)``
+turns the fast path off (see :mod:`swin_dense.ops.cpu_fast`).
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .arch import FeatureSpec, int_tuple, resolve_arch
-from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm, tokens_to_nchw
+from .layers import (PatchEmbed, PatchMerging, SwinStage, build_norm, capturing_graph,
+                     tokens_to_nchw)
 
 def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
     if isinstance(value, int):
@@ -249,10 +256,6 @@ class SwinBackbone(BaseModule):
         if x.dim() != 4:
             raise ValueError(f'SwinBackbone expects a 4-d input (B, {self.in_channels}, H, W), got '
                              f'shape {tuple(x.shape)}; add a batch dimension with x[None]')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'SwinBackbone was built with in_channels={self.in_channels} but the '
-                             f'input has {x.shape[1]} channels (shape {tuple(x.shape)}); NCHW '
-                             'layout is expected')
         if not x.is_floating_point():
             raise TypeError(f'SwinBackbone expects a floating-point image (normalised), got dtype '
                             f'{x.dtype}; convert with x.float() after normalisation')
@@ -265,13 +268,20 @@ class SwinBackbone(BaseModule):
             raise TypeError(f'the input is {x.dtype} but SwinBackbone is {weight.dtype}; convert '
                             f'one of them (x.to({weight.dtype}) or model.to({x.dtype})), or run '
                             f"mixed precision under torch.autocast('{x.device.type}')")
+        if torch.jit.is_tracing():
+            return  # sizes are traced tensors here: checking their values would freeze them
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'SwinBackbone was built with in_channels={self.in_channels} but the '
+                             f'input has {x.shape[1]} channels (shape {tuple(x.shape)}); NCHW '
+                             'layout is expected')
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'SwinBackbone got an empty image of shape {tuple(x.shape)}')
 
     def _position_embedding(self, hw: tuple[int, int]) -> Tensor:
         """``(1, H*W, C)`` absolute embedding, bicubically resized from the pretraining grid."""
         pos = self.absolute_pos_embed
-        if tuple(hw) == self.pos_embed_grid:
+        # captured graphs always resize (to the same size it is the identity): no branch on hw
+        if not capturing_graph() and tuple(hw) == self.pos_embed_grid:
             return pos
         gh, gw = self.pos_embed_grid
         pos = pos.transpose(1, 2).reshape(1, -1, gh, gw)
@@ -281,7 +291,7 @@ class SwinBackbone(BaseModule):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(B, Cin, H, W)`` -> tuple of ``(B, C_i, H_i, W_i)`` for i in ``out_indices``."""
         self._check_input(x)
-        if x.shape[0] == 0:
+        if not torch.jit.is_tracing() and x.shape[0] == 0:
             outs = tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i),
                                      dtype=self._output_dtype(x, i))
                          for i in self.out_indices)
