@@ -277,6 +277,35 @@ class SwinBackbone(BaseModule):
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'SwinBackbone got an empty image of shape {tuple(x.shape)}')
 
+    def _warn_if_export_specialises(self, x: Tensor) -> None:
+        """``torch.export`` (and the dynamo ONNX exporter built on it) treats a size that is 1
+        in the example input as the constant 1: a batch of 1, and, for a side not above
+        :attr:`padding_free_multiple`, the single window a side of the last stage. The graph is
+        then right for such inputs only, and the ONNX exporter does not always say so; warn
+        when an export with dynamic sizes starts from such an example."""
+        sizes = tuple(x.shape)
+        dynamic = [isinstance(s, torch.SymInt) for s in sizes]
+        if not any(dynamic):
+            return  # a static export: the graph is for this size only, as asked
+        problems = []
+        if not dynamic[0] and sizes[0] == 1:
+            problems.append('batch 1')
+        for name, size in (('height', sizes[2]), ('width', sizes[3])):
+            # the example's value, read without adding a guard (None where torch hides it)
+            example = getattr(getattr(size, 'node', None), 'hint', None)
+            if isinstance(example, int) and example <= self.padding_free_multiple:
+                problems.append(f'{name} {example}')
+        if problems:
+            pfm = self.padding_free_multiple
+            warnings.warn(
+                f'exporting SwinBackbone with dynamic sizes from an example with '
+                f'{" and ".join(problems)}: PyTorch fixes a size that is 1 in the example '
+                f'input (a batch of 1; one window a side in the last stage, for a side up to '
+                f'padding_free_multiple={pfm}), and the exported graph may then fail at other '
+                f'sizes. Export from an example with batch >= 2 and both sides above {pfm}, '
+                f'e.g. (2, {self.in_channels}, {2 * pfm + 32}, {3 * pfm}): an ONNX graph '
+                f'exported from it serves every size.')
+
     def _position_embedding(self, hw: tuple[int, int]) -> Tensor:
         """``(1, H*W, C)`` absolute embedding, bicubically resized from the pretraining grid."""
         pos = self.absolute_pos_embed
@@ -291,6 +320,8 @@ class SwinBackbone(BaseModule):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(B, Cin, H, W)`` -> tuple of ``(B, C_i, H_i, W_i)`` for i in ``out_indices``."""
         self._check_input(x)
+        if torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling():
+            self._warn_if_export_specialises(x)
         if not torch.jit.is_tracing() and x.shape[0] == 0:
             outs = tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i),
                                      dtype=self._output_dtype(x, i))

@@ -90,6 +90,19 @@ def test_export_with_dims_equals_eager_at_unseen_sizes(narrow):
         assert_levels_close(module(x), eager(narrow, x), 1e-5)
 
 
+@pytest.mark.parametrize('shape, names', [((1, 3, 480, 672), 'batch 1'),
+                                           ((2, 3, 224, 480), 'height 224')])
+def test_export_from_an_example_that_specialises_warns(narrow, shape, names):
+    """A batch of 1, or a side with one window a side in the last stage, would be fixed in the
+    exported graph: the export says so (made an error here, which stops it at once)."""
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='exporting SwinBackbone')
+        with pytest.raises(UserWarning, match=f'example with {names}: .* batch >= 2'):
+            torch.export.export(narrow, (image(*shape[:1], *shape[2:]),),
+                                dynamic_shapes={'x': dims})
+
+
 # ---------------------------------------------------------------- ONNX
 
 onnx = pytest.importorskip('onnx', reason='onnx is not installed (pip install onnx)')
