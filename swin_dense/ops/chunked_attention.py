@@ -99,6 +99,8 @@ def _attention_backward(q: Tensor, k: Tensor, v: Tensor, attn: Tensor, grad_out:
     grads = q.new_empty(3, BW, h, N, d)  # dq, dk, dv
     dq, dk, dv = grads.view(3, BW * h, N, d).unbind(0)
     torch.bmm(attn.transpose(1, 2), grad_out, out=dv)
+    # the softmax's own backward kernel (one fused pass): the probabilities were computed
+    # outside autograd, and no public function gives this gradient without building a graph
     grad_scores = torch._softmax_backward_data(
         torch.bmm(grad_out, v.transpose(1, 2)), attn, -1, attn.dtype)
     torch.baddbmm(dq, grad_scores, k, beta=0, alpha=scale, out=dq)

@@ -7,18 +7,20 @@ Swin); the fast one is built for the CPU, where the plain formulas spend much of
 fresh pages of map-sized temporaries, denormal exponentials of masked pairs and GEMM rows of
 padding slots. What it does, each piece under the conditions it pays in:
 
-- attention: chunks of windows with an explicit backward (fp32 training and inference, autocast
-  inference), both projections on the tokens where the map is padded enough (fp32 training),
-  the probabilities kept for backward (training under autocast or in float64), the fused kernel
-  without the math fallback (inference): :mod:`swin_dense.ops.chunked_attention` and
-  :mod:`swin_dense.ops.token_attention`;
-  window partitions as one cached index gather each way (any device);
-- the relative position bias cached across inference forwards until the table changes;
-- the MLP in chunks with the GELU recomputed in backward (fp32 training), the GELU recomputed
-  (training elsewhere), the GELU in place (inference);
-- the block's MLP over chunks of tokens in inference, and a branch that stochastic depth drops
-  for the whole batch not computed at all (CPU training);
-- the token map -> NCHW copy a few rows at a time.
+- CPU attention: chunks of windows with an explicit backward (fp32 training and inference,
+  autocast inference), both projections on the tokens where the map is padded enough (fp32
+  training), the probabilities kept for backward (training under autocast or in float64), the
+  fused kernel without its math fallback (other inference):
+  :mod:`swin_dense.ops.chunked_attention` and :mod:`swin_dense.ops.token_attention`; on other
+  devices the plain attention;
+- window partitions as one cached index gather each way (any device);
+- the relative position bias cached across inference forwards until the table changes (any
+  device);
+- the MLP in chunks with the GELU recomputed in backward (CPU fp32 training), the GELU
+  recomputed (training elsewhere, any device), the GELU in place (inference, any device);
+- the block's MLP over chunks of tokens (CPU inference), and a branch that stochastic depth
+  drops for the whole batch not computed at all (CPU training);
+- the token map -> NCHW copy a few rows at a time (any device).
 
 It never runs while a graph is captured (``torch.jit`` trace or script, ``torch.compile``,
 ``torch.export``, ONNX export): its autograd functions and caches are keyed on concrete sizes.
@@ -227,6 +229,7 @@ class _GeluLinear(torch.autograd.Function):
             grad_bias = grad_out.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             grad_gelu = grad_out.mm(weight.to(grad_out.dtype)).to(h.dtype)
+            # GELU's own backward kernel: the GELU was recomputed outside autograd
             grad_h = torch.ops.aten.gelu_backward(grad_gelu, h)
         return grad_h, grad_weight, grad_bias
 
@@ -267,7 +270,9 @@ class ChunkedGeluMLP(torch.autograd.Function):
         for c in even_chunks(u.shape[0], chunk_rows()):
             if need_w2:
                 sums.addmm('w2', grad_out[c].t(), F.gelu(h[c]))
-            grad_h = grad_out[c].mm(w2)  # the GELU's backward in place: one chunk buffer less
+            grad_h = grad_out[c].mm(w2)
+            # GELU's own backward kernel (the GELU runs outside autograd here), written in
+            # place through its out= variant: one chunk buffer less
             torch.ops.aten.gelu_backward.grad_input(grad_h, h[c], grad_input=grad_h)
             if need_w1:
                 sums.addmm('w1', grad_h.t(), u[c])
@@ -286,6 +291,7 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     a fresh ``(..., C_out)`` out. Inference: GELU in place; CPU fp32 training: chunked, GELU
     recomputed; training elsewhere: the GELU recomputed in backward."""
     if not torch.is_grad_enabled():
+        # aten's in-place GELU (F.gelu has no inplace argument): no second hidden-size buffer
         return F.linear(torch.ops.aten.gelu_(F.linear(x, w1, b1)), w2, b2)
     if cpu_fp32(x) and b1 is not None and b2 is not None:
         return ChunkedGeluMLP.apply(x, w1, b1, w2, b2)
