@@ -1,8 +1,14 @@
 """SwinBackbone: the four-stage Swin Transformer pyramid for mmdet and mmseg.
 
 A drop-in for mmdet's / mmseg's ``SwinTransformer``: same constructor arguments with the same
-meanings and defaults, same parameter names, same outputs to the last digit (see
-``tests/test_parity.py``). Use it as ``backbone=dict(type='SwinBackbone', arch='tiny', ...)``.
+meanings and defaults, same parameter names, same outputs up to float32 rounding (see
+``tests/integration/test_parity.py``). Use it as
+``backbone=dict(type='SwinBackbone', arch='tiny', ...)``.
+
+The forward runs the plain formulas whenever a graph is captured (``torch.jit.trace``,
+``torch.export``, ONNX export, ``torch.compile``, the FLOP counters that trace) and the eager
+fast path otherwise; ``SWIN_DENSE_CPU_FAST=0`` or ``swin_dense.ops.cpu_fast.enabled(False)``
+turns the fast path off (see :mod:`swin_dense.ops.cpu_fast`).
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from torch import Tensor
 
 from .arch import FeatureSpec, int_tuple, resolve_arch
 from .checkpoint.load import convert_state_dict_on_load
-from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm, tokens_to_nchw
+from .layers import (PatchEmbed, PatchMerging, SwinStage, build_norm, capturing_graph,
+                     tokens_to_nchw)
 
 def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
     if isinstance(value, int):
@@ -251,10 +258,6 @@ class SwinBackbone(BaseModule):
         if x.dim() != 4:
             raise ValueError(f'SwinBackbone expects a 4-d input (B, {self.in_channels}, H, W), got '
                              f'shape {tuple(x.shape)}; add a batch dimension with x[None]')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'SwinBackbone was built with in_channels={self.in_channels} but the '
-                             f'input has {x.shape[1]} channels (shape {tuple(x.shape)}); NCHW '
-                             'layout is expected')
         if not x.is_floating_point():
             raise TypeError(f'SwinBackbone expects a floating-point image (normalised), got dtype '
                             f'{x.dtype}; convert with x.float() after normalisation')
@@ -267,13 +270,49 @@ class SwinBackbone(BaseModule):
             raise TypeError(f'the input is {x.dtype} but SwinBackbone is {weight.dtype}; convert '
                             f'one of them (x.to({weight.dtype}) or model.to({x.dtype})), or run '
                             f"mixed precision under torch.autocast('{x.device.type}')")
+        if torch.jit.is_tracing():
+            return  # sizes are traced tensors here: checking their values would freeze them
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'SwinBackbone was built with in_channels={self.in_channels} but the '
+                             f'input has {x.shape[1]} channels (shape {tuple(x.shape)}); NCHW '
+                             'layout is expected')
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'SwinBackbone got an empty image of shape {tuple(x.shape)}')
+
+    def _warn_if_export_specialises(self, x: Tensor) -> None:
+        """``torch.export`` (and the dynamo ONNX exporter built on it) treats a size that is 1
+        in the example input as the constant 1: a batch of 1, and, for a side not above
+        :attr:`padding_free_multiple`, the single window a side of the last stage. The graph is
+        then right for such inputs only, and the ONNX exporter does not always say so; warn
+        when an export with dynamic sizes starts from such an example."""
+        sizes = tuple(x.shape)
+        dynamic = [isinstance(s, torch.SymInt) for s in sizes]
+        if not any(dynamic):
+            return  # a static export: the graph is for this size only, as asked
+        problems = []
+        if not dynamic[0] and sizes[0] == 1:
+            problems.append('batch 1')
+        for name, size in (('height', sizes[2]), ('width', sizes[3])):
+            # the example's value, read without adding a guard (None where torch hides it)
+            example = getattr(getattr(size, 'node', None), 'hint', None)
+            if isinstance(example, int) and example <= self.padding_free_multiple:
+                problems.append(f'{name} {example}')
+        if problems:
+            pfm = self.padding_free_multiple
+            warnings.warn(
+                f'exporting SwinBackbone with dynamic sizes from an example with '
+                f'{" and ".join(problems)}: PyTorch fixes a size that is 1 in the example '
+                f'input (a batch of 1; one window a side in the last stage, for a side up to '
+                f'padding_free_multiple={pfm}), and the exported graph may then fail at other '
+                f'sizes. Export from an example with batch >= 2 and both sides above {pfm}, '
+                f'e.g. (2, {self.in_channels}, {2 * pfm + 32}, {3 * pfm}): an ONNX graph '
+                f'exported from it serves every size.')
 
     def _position_embedding(self, hw: tuple[int, int]) -> Tensor:
         """``(1, H*W, C)`` absolute embedding, bicubically resized from the pretraining grid."""
         pos = self.absolute_pos_embed
-        if tuple(hw) == self.pos_embed_grid:
+        # captured graphs always resize (to the same size it is the identity): no branch on hw
+        if not capturing_graph() and tuple(hw) == self.pos_embed_grid:
             return pos
         gh, gw = self.pos_embed_grid
         pos = pos.transpose(1, 2).reshape(1, -1, gh, gw)
@@ -283,7 +322,9 @@ class SwinBackbone(BaseModule):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(B, Cin, H, W)`` -> tuple of ``(B, C_i, H_i, W_i)`` for i in ``out_indices``."""
         self._check_input(x)
-        if x.shape[0] == 0:
+        if torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling():
+            self._warn_if_export_specialises(x)
+        if not torch.jit.is_tracing() and x.shape[0] == 0:
             outs = tuple(x.new_zeros(0, self.num_features[i], *self._output_hw(x.shape[-2:], i),
                                      dtype=self._output_dtype(x, i))
                          for i in self.out_indices)

@@ -20,7 +20,7 @@ import torch
 
 from swin_dense import SwinBackbone
 from numerics import grad_error, rel
-from test_parity import ATOL, TINY, peer_and_ours
+from swin_peers import ATOL, TINY, peer_and_ours
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 mmdet_backbones = pytest.importorskip('mmdet.models.backbones')

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from swin_dense import SwinBackbone
-from swin_dense.window import MASK_VALUE
+from swin_dense.ops.window import MASK_VALUE
 from numerics import grad_error, rel
 
 NARROW = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
@@ -98,7 +98,8 @@ def test_masked_pairs_get_no_attention_in_low_precision(dtype):
     ~40): in fp16/bf16 nothing overflows, masked pairs get no probability (< 1e-20; -100 keeps
     them masked as long as real logit gaps stay well below 100, in every dtype), and each row
     still sums to 1."""
-    from swin_dense.window import _attention_probs, window_layout
+    from swin_dense.ops.chunked_attention import _attention_probs
+    from swin_dense.ops.window import window_layout
     layout = window_layout(14, 14, 7, 3, torch.device('cpu'))
     nW, N, h, d = layout.num_windows, 49, 2, 8
     g = torch.Generator().manual_seed(0)

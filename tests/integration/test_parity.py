@@ -7,48 +7,21 @@ written by mmdet (keys under ``backbone.``) or a backbone file from mmseg, loade
 import pytest
 import torch
 
-from swin_dense import SwinBackbone
 from numerics import rel
+from swin_dense import SwinBackbone
+from swin_dense.ops import cpu_fast
+from swin_peers import ATOL, BASE, TINY, peer_and_ours
 
 mmdet_backbones = pytest.importorskip('mmdet.models.backbones')
 mmseg_backbones = pytest.importorskip('mmseg.models.backbones')
 
-TINY = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-BASE = dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-ATOL = 1e-5
 
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights everywhere (LayerNorm gains, biases and bias tables included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1 and name.endswith('weight'):  # LayerNorm gains
-                p.copy_(1 + 0.1 * noise)
-            elif p.dim() == 1 or 'relative_position_bias_table' in name:
-                p.copy_(0.1 * noise)
-            else:  # fan-in scaled, so activations stay O(1) through all blocks
-                p.copy_(noise * (p[0].numel()) ** -0.5)
-    return model
-
-
-def peer_and_ours(tmp_path, peer_cls, shape, detector_file: bool, **kwargs):
-    """Build a randomised peer, save it as the toolkit saves it, load into SwinBackbone."""
-    peer = randomize(peer_cls(**shape, **kwargs))
-    peer.eval()  # the in-tree train() returns None, so no chaining
-    state = peer.state_dict()
-    if detector_file:  # what mmdet's Runner writes for a whole detector
-        ckpt = {'meta': {'mmdet_version': '3.3.0'},
-                'state_dict': {**{f'backbone.{k}': v for k, v in state.items()},
-                               'neck.lateral_convs.0.conv.weight': torch.zeros(256, 96, 1, 1)}}
-    else:  # an mmseg backbone-only file
-        ckpt = state
-    path = tmp_path / 'peer.pth'
-    torch.save(ckpt, path)
-    ours = SwinBackbone(**shape, **kwargs, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    ours.init_weights()
-    return peer, ours.eval()
+@pytest.fixture(params=[True, False], ids=['fast', 'plain'])
+def fast(request):
+    """The numerical tests run twice: with the eager fast path, and with the plain path only
+    (what export, tracing and compile run)."""
+    with cpu_fast.enabled(request.param):
+        yield request.param
 
 
 def assert_same_outputs(peer, ours, size, batch=2, seed=0):
@@ -75,18 +48,18 @@ def base_pair(tmp_path_factory):
 
 @pytest.mark.parametrize('size', [(224, 224), (512, 512), (511, 511), (112, 137), (800, 1333),
                                   (33, 47), (7, 7), (2, 2), (1, 1), (64, 1000)])
-def test_swin_t_equals_mmdet(tiny_pair, size):
+def test_swin_t_equals_mmdet(tiny_pair, size, fast):
     assert_same_outputs(*tiny_pair, size)
 
 
 @pytest.mark.parametrize('size', [(224, 224), (511, 511), (112, 137), (2, 2), (29, 61)])
-def test_swin_b_equals_mmdet(base_pair, size):
+def test_swin_b_equals_mmdet(base_pair, size, fast):
     assert_same_outputs(*base_pair, size)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('size', [(512, 512), (800, 1333)])
-def test_swin_b_equals_mmdet_large_inputs(base_pair, size):
+def test_swin_b_equals_mmdet_large_inputs(base_pair, size, fast):
     assert_same_outputs(*base_pair, size)
 
 
@@ -101,14 +74,14 @@ def test_parameter_count_equals_mmdet(tiny_pair, base_pair):
     (BASE, dict(window_size=12, pretrain_img_size=384), [(512, 512), (97, 130)]),
     (TINY, dict(out_indices=(1, 3), mlp_ratio=4), [(100, 100)]),
 ])
-def test_equals_mmseg_backbone_file(tmp_path, shape, kwargs, sizes):
+def test_equals_mmseg_backbone_file(tmp_path, shape, kwargs, sizes, fast):
     peer, ours = peer_and_ours(tmp_path, mmseg_backbones.SwinTransformer, shape,
                                detector_file=False, **kwargs)
     for size in sizes:
         assert_same_outputs(peer, ours, size, seed=1)
 
 
-def test_absolute_position_embedding_equals_mmdet_at_pretrain_size(tmp_path):
+def test_absolute_position_embedding_equals_mmdet_at_pretrain_size(tmp_path, fast):
     kwargs = dict(use_abs_pos_embed=True, pretrain_img_size=224)
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True, **kwargs)
     assert_same_outputs(peer, ours, (224, 224))
@@ -129,17 +102,18 @@ def train_gradients(model, size, seed: int, with_parameters: bool = False) -> li
 
 
 @pytest.mark.parametrize('drop_path_rate', [0.0, 0.2])
-def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate):
+def test_train_mode_input_gradients_equal_mmdet(tmp_path, drop_path_rate, fast):
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
                                drop_path_rate=drop_path_rate)
     (expected,), (got,) = (train_gradients(m, (112, 137), seed=3) for m in (peer, ours))
     assert (expected - got).abs().max().item() <= ATOL * expected.abs().max().item()
 
 
-def test_branches_dropped_by_stochastic_depth_equal_mmdet(tmp_path, monkeypatch):
-    """With batch 1 a branch that stochastic depth drops is not computed; outputs, the input's
-    gradient and every parameter's gradient (zeros for the dropped branches, never None) are
-    still mmdet's, who computes the branch and multiplies it by zero."""
+def test_branches_dropped_by_stochastic_depth_equal_mmdet(tmp_path, monkeypatch, fast):
+    """With batch 1 the fast path does not compute a branch that stochastic depth drops;
+    outputs, the input's gradient and every parameter's gradient (zeros for the dropped
+    branches, never None) are still mmdet's, who computes the branch and multiplies it by zero
+    (as the plain path does)."""
     from swin_dense.layers import FFN, ShiftWindowMSA
     calls = {'attn': 0, 'ffn': 0}
     for cls, name, key in ((ShiftWindowMSA, 'attend', 'attn'), (FFN, 'mlp', 'ffn')):
@@ -161,7 +135,10 @@ def test_branches_dropped_by_stochastic_depth_equal_mmdet(tmp_path, monkeypatch)
         results.append((outs, x.grad, dict(model.named_parameters())))
     (expected_outs, expected_x, expected_params), (outs, grad_x, params) = results
     blocks = sum(TINY['depths'])
-    assert 0 < calls['attn'] < blocks and 0 < calls['ffn'] < blocks  # some skipped, some not
+    if fast:  # some skipped, some not
+        assert 0 < calls['attn'] < blocks and 0 < calls['ffn'] < blocks
+    else:
+        assert calls['attn'] == calls['ffn'] == blocks
     for e, g in zip(expected_outs, outs):
         assert (e - g).abs().max().item() <= ATOL * max(e.abs().max().item(), 1)
     assert (expected_x - grad_x).abs().max().item() <= ATOL * expected_x.abs().max().item()
@@ -176,7 +153,7 @@ def test_branches_dropped_by_stochastic_depth_equal_mmdet(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
-def test_autocast_error_equals_mmdet(tmp_path, dtype):
+def test_autocast_error_equals_mmdet(tmp_path, dtype, fast):
     """Under CPU autocast, outputs and gradients (input and parameters together) stray from each
     model's own fp32 results no further than mmdet's do: our low-precision paths (chunked
     inference, training that keeps the probabilities) add no error of their own. (Measured:
@@ -207,9 +184,8 @@ def test_autocast_error_equals_mmdet(tmp_path, dtype):
 
 
 def test_small_chunks_equal_mmdet(tmp_path, monkeypatch):
-    """The CPU paths run the attention and MLP in chunks; many small ones change nothing."""
-    import swin_dense.layers as layers
-    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 3 * 49)  # 3 windows, 147 rows per chunk
+    """The fast path runs the attention and MLP in chunks; many small ones change nothing."""
+    monkeypatch.setattr(cpu_fast, 'CHUNK_TOKENS', 3 * 49)  # 3 windows, 147 rows per chunk
     peer, ours = peer_and_ours(tmp_path, mmdet_backbones.SwinTransformer, TINY, True,
                                drop_path_rate=0.0)
     assert_same_outputs(peer, ours, (112, 137))

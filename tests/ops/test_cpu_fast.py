@@ -1,155 +1,20 @@
-"""The functional window core against a direct transcription of the official algorithm."""
+"""The eager fast path: its kernels against the formulas under autograd, and its switch."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from swin_dense.window import (MASK_VALUE, PROB_FLOOR, _attention_probs,
-                               chunked_window_attention, even_chunks, merge_windows,
-                               partition_windows, relative_position_bias,
-                               relative_position_index, shift_mask,
-                               token_projections_pay, token_window_attention,
-                               tokens_from_windows, window_attention, window_layout,
-                               windows_from_tokens)
-
-
-def official_windows(x, H, W, M, s):
-    """pad -> roll(-s) -> partition, written out step by step as in the official code."""
-    B, L, C = x.shape
-    x = x.view(B, H, W, C)
-    x = F.pad(x, (0, 0, 0, (M - W % M) % M, 0, (M - H % M) % M))
-    Hp, Wp = x.shape[1:3]
-    if s:
-        x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-    x = x.view(B, Hp // M, M, Wp // M, M, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, M * M, C), Hp, Wp
-
-
-def official_merge(windows, H, W, M, s):
-    """The official inverse, step by step: reverse partition, roll back by +s, crop."""
-    Hp, Wp = -(-H // M) * M, -(-W // M) * M
-    B, C = windows.shape[0] // (Hp // M * (Wp // M)), windows.shape[-1]
-    y = windows.view(B, Hp // M, Wp // M, M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-    return torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :H, :W].reshape(B, H * W, C)
-
-
-def official_mask(Hp, Wp, M, s):
-    """The official slice-based construction of the SW-MSA mask."""
-    img_mask = torch.zeros(1, Hp, Wp, 1)
-    cnt = 0
-    for h in (slice(0, -M), slice(-M, -s), slice(-s, None)):
-        for w in (slice(0, -M), slice(-M, -s), slice(-s, None)):
-            img_mask[:, h, w, :] = cnt
-            cnt += 1
-    win = img_mask.view(1, Hp // M, M, Wp // M, M, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, M * M)
-    mask = win.unsqueeze(1) - win.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-
-
-SIZES = [(1, 1), (2, 3), (7, 7), (8, 13), (14, 14), (28, 35), (17, 9), (56, 56)]
-
-
-@pytest.mark.parametrize('M', [7, 12, 4])
-@pytest.mark.parametrize('H,W', SIZES)
-def test_gather_equals_pad_roll_partition(H, W, M):
-    x = torch.randn(2, H * W, 5)
-    for s in (0, M // 2):
-        layout = window_layout(H, W, M, s, torch.device('cpu'))
-        ref, Hp, Wp = official_windows(x, H, W, M, s)
-        assert torch.equal(windows_from_tokens(x, layout), ref)
-        assert torch.equal(partition_windows(x, (H, W), M, s), ref)  # the traced variant
-        assert layout.num_windows == (Hp // M) * (Wp // M)
-
-
-@pytest.mark.parametrize('H,W', SIZES)
-def test_scatter_inverts_gather_with_crop(H, W):
-    M = 7
-    x = torch.randn(3, H * W, 4)
-    for s in (0, 3):
-        layout = window_layout(H, W, M, s, torch.device('cpu'))
-        assert torch.equal(tokens_from_windows(windows_from_tokens(x, layout), layout), x)
-        assert torch.equal(official_merge(official_windows(x, H, W, M, s)[0], H, W, M, s), x)
-        # Any windows (padding slots not zero): both inverses read the same slots.
-        w = torch.randn(3 * layout.num_windows, M * M, 4)
-        y = official_merge(w, H, W, M, s)
-        assert torch.equal(merge_windows(w, (H, W), M, s), y)
-        assert torch.equal(tokens_from_windows(w, layout), y)
-
-
-@pytest.mark.parametrize('M', [7, 12])
-@pytest.mark.parametrize('H,W', SIZES)
-def test_shift_mask_equals_official_slices(H, W, M):
-    s = M // 2
-    layout = window_layout(H, W, M, s, torch.device('cpu'))
-    Hp, Wp = -(-H // M) * M, -(-W // M) * M
-    assert torch.equal(layout.mask, official_mask(Hp, Wp, M, s))
-    assert torch.equal(shift_mask(Hp, Wp, M, s), official_mask(Hp, Wp, M, s))
-    assert set(layout.mask.unique().tolist()) <= {0.0, MASK_VALUE}
-    assert window_layout(H, W, M, 0, torch.device('cpu')).mask is None
-
-
-def test_shift_mask_hand_case():
-    # 4x4 map, window 4, shift 2: one window; rows/cols split into regions {0,1} and {2,3}
-    # after the shift, so token (0,0) may attend only to tokens in rows 0-1 and cols 0-1.
-    layout = window_layout(4, 4, 4, 2, torch.device('cpu'))
-    allowed = (layout.mask[0, 0] == 0).view(4, 4)
-    expected = torch.zeros(4, 4, dtype=torch.bool)
-    expected[:2, :2] = True
-    assert torch.equal(allowed, expected)
-
-
-def test_layout_is_cached_per_size():
-    a = window_layout(10, 11, 7, 3, torch.device('cpu'))
-    assert window_layout(10, 11, 7, 3, torch.device('cpu')) is a
-    assert window_layout(10, 12, 7, 3, torch.device('cpu')) is not a
-
-
-def test_bad_shift_is_a_clear_error():
-    with pytest.raises(ValueError, match='shift_size'):
-        window_layout(8, 8, 7, 7, torch.device('cpu'))
-
-
-@pytest.mark.parametrize('M', [2, 7, 12])
-def test_relative_position_index_formula(M):
-    index = relative_position_index(M, torch.device('cpu'))
-    for i in range(M * M):
-        for j in range(0, M * M, 5):
-            yi, xi, yj, xj = i // M, i % M, j // M, j % M
-            assert index[i, j] == (yi - yj + M - 1) * (2 * M - 1) + (xi - xj + M - 1)
-    assert index.max() == (2 * M - 1) ** 2 - 1 and index.min() == 0
-
-
-def test_relative_position_bias_shape_and_values():
-    M, h = 7, 3
-    table = torch.randn((2 * M - 1) ** 2, h)
-    bias = relative_position_bias(table, M)
-    assert bias.shape == (h, M * M, M * M)
-    # The diagonal is the zero offset, the centre of the table.
-    centre = (M - 1) * (2 * M - 1) + (M - 1)
-    assert torch.equal(bias[:, 5, 5], table[centre])
-
-
-@pytest.mark.parametrize('shift', [0, 3])
-def test_partition_gradients(shift):
-    """Each direction's backward is the other direction's gather: check by finite differences."""
-    layout = window_layout(9, 11, 7, shift, torch.device('cpu'))  # padded to 14 x 14
-    x = torch.randn(2, 9 * 11, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: windows_from_tokens(t, layout), (x,))
-    w = torch.randn(2 * layout.num_windows, 49, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: tokens_from_windows(t, layout), (w,))
-
-
-def test_window_attention_equals_explicit_softmax():
-    torch.manual_seed(0)
-    B, nW, N, h, d = 2, 3, 49, 4, 8
-    qkv = torch.randn(B * nW, N, 3 * h * d)
-    bias = torch.randn(nW, h, N, N)
-    weight, proj_bias = torch.randn(h * d, h * d), torch.randn(h * d)
-    out = window_attention(qkv, h, d ** -0.5, bias, nW, weight, proj_bias)
-    q, k, v = qkv.view(B * nW, N, 3, h, d).permute(2, 0, 3, 1, 4)
-    attn = (q * d ** -0.5) @ k.transpose(-2, -1)
-    attn = attn.view(B, nW, h, N, N) + bias.unsqueeze(0)
-    ref = (attn.view(-1, h, N, N).softmax(-1) @ v).transpose(1, 2).reshape(B * nW, N, h * d)
-    torch.testing.assert_close(out, F.linear(ref, weight, proj_bias), rtol=0, atol=1e-4)
+from swin_dense.ops import cpu_fast
+from swin_dense.ops.chunked_attention import (PROB_FLOOR, _attention_probs,
+                                              chunked_window_attention, even_chunks,
+                                              fused_inference_attention,
+                                              keep_probs_window_attention)
+from swin_dense.ops.token_attention import token_projections_pay, token_window_attention
+from swin_dense.ops.window import MASK_VALUE, window_layout
+from test_window import official_merge, official_windows
 
 
 def plain_attention(qkv, h, scale, bias, nW):
@@ -161,8 +26,19 @@ def plain_attention(qkv, h, scale, bias, nW):
     return (attn @ v).transpose(1, 2).reshape(BW, N, C3 // 3)
 
 
+def test_keep_probs_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    B, nW, N, h, d = 2, 3, 49, 4, 8
+    qkv = torch.randn(B * nW, N, 3 * h * d)
+    bias = torch.randn(nW, h, N, N)
+    weight, proj_bias = torch.randn(h * d, h * d), torch.randn(h * d)
+    out = keep_probs_window_attention(qkv, bias, weight, proj_bias, h, d ** -0.5, nW)
+    ref = F.linear(plain_attention(qkv, h, d ** -0.5, bias, nW), weight, proj_bias)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize('per_window', [False, True])
-def test_window_attention_gradients_equal_autograd(per_window):
+def test_keep_probs_attention_gradients_equal_autograd(per_window):
     torch.manual_seed(0)
     B, nW, N, h, d = 2, 3, 16, 2, 4
     f64 = dict(dtype=torch.float64, requires_grad=True)
@@ -172,22 +48,23 @@ def test_window_attention_gradients_equal_autograd(per_window):
     inputs = (qkv, bias, weight, proj_bias)
     grad_out = torch.randn(B * nW, N, h * d, dtype=torch.float64)
     results = []
-    for fn in (window_attention,
+    for fn in (lambda *a: keep_probs_window_attention(a[0], a[3], a[5], a[6], a[1], a[2], a[4]),
                lambda *a: F.linear(plain_attention(*a[:5]), a[5], a[6])):
         out = fn(qkv, h, d ** -0.5, bias, nW, weight, proj_bias)
         results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():  # the inference branch (fused kernel, nothing saved): the same numbers
-        torch.testing.assert_close(window_attention(qkv, h, d ** -0.5, bias, nW, weight, proj_bias),
-                                   results[1][0], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the inference form (fused kernel, nothing saved): the same numbers
+        torch.testing.assert_close(
+            fused_inference_attention(qkv, bias, weight, proj_bias, h, d ** -0.5),
+            results[1][0], rtol=1e-10, atol=1e-12)
     # Finite differences on a tiny case, independent of any autograd formula.
     small = (qkv[:nW, :4, :6].detach().clone().requires_grad_(),
              bias[..., :1, :4, :4].detach().clone().requires_grad_(),
              weight[:2, :2].detach().clone().requires_grad_(),
              proj_bias[:2].detach().clone().requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda a, b, w, c: window_attention(a, 1, 0.5, b, nW, w, c), small)
+        lambda a, b, w, c: keep_probs_window_attention(a, b, w, c, 1, 0.5, nW), small)
 
 
 # chunks of part of an image, of one image, of several images (the last one shorter)
@@ -291,7 +168,7 @@ def test_cpu_forward_attends_in_the_fused_kernel(training, autocast, batch):
     """On CPU the forward attends in SDPA's fused kernel, never in its math fallback (which a
     3-d mask, or one that requires grad, selects: slower than explicit attention): in fp32
     and in autocast inference. (Training under autocast keeps the probabilities for backward,
-    so it attends explicitly: see ``window._WindowAttention``.)"""
+    so it attends explicitly: see ``keep_probs_window_attention``.)"""
     from swin_dense import SwinBackbone
     model = SwinBackbone(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     model.train(training)
@@ -304,8 +181,9 @@ def test_cpu_forward_attends_in_the_fused_kernel(training, autocast, batch):
     assert 'aten::_scaled_dot_product_attention_math' not in ops
 
 
-def test_masked_probabilities_are_exact_zeros():
-    """exp(-100) is a float32 denormal; the probabilities carry 0 instead (no output changes)."""
+def test_masked_probabilities_are_zeros():
+    """exp(-100) is a float32 denormal; the fast path's probabilities carry 0 instead, and every
+    other probability is the plain softmax's (up to float32 rounding)."""
     torch.manual_seed(0)
     layout = window_layout(14, 14, 7, 3, torch.device('cpu'))
     q, k = torch.randn(2, layout.num_windows, 3, 49, 8).unbind(0)
@@ -314,14 +192,16 @@ def test_masked_probabilities_are_exact_zeros():
     ref = ((q @ k.transpose(-2, -1)) * 8 ** -0.5 + bias).softmax(-1)
     assert ((ref > 0) & (ref < torch.finfo(torch.float32).tiny)).any()  # the reference has them
     assert not ((probs > 0) & (probs < PROB_FLOOR)).any()
-    assert torch.equal(probs[ref >= PROB_FLOOR], ref[ref >= PROB_FLOOR])
+    assert (probs[ref < 1e-35] == 0).all()  # far below the floor whatever the rounding
+    torch.testing.assert_close(probs, ref, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('offset', [0.0, -300.0, 250.0])
 def test_masked_logits_keep_every_probability_above_the_floor(offset):
     """Masked logits are raised before the softmax so that exp() makes no denormals; whatever
-    the rows' level, each probability above PROB_FLOOR equals a plain fp32 softmax's to the bit,
-    including masked pairs whose logit is still within reach of the row's maximum."""
+    the rows' level, each probability above PROB_FLOOR equals a plain fp32 softmax's (to the
+    rounding of the sums), including masked pairs whose logit is still within reach of the
+    row's maximum."""
     N = 6
     row = torch.tensor([0.0, -50.0, -68.0, -75.0, -85.0, -100.5]) + offset
     logits = torch.stack([row.roll(i) for i in range(N)])  # (N, N), every column takes each value
@@ -331,17 +211,123 @@ def test_masked_logits_keep_every_probability_above_the_floor(offset):
     ref = logits.softmax(-1)
     kept = ref >= PROB_FLOOR
     assert kept.sum() == 3 * N  # 0, -50 and -68 below the row maximum (exp(-68) ~ 2.9e-30)
-    assert torch.equal(probs[kept], ref[kept])
+    torch.testing.assert_close(probs[kept], ref[kept], rtol=1e-6, atol=0)
     assert (probs[~kept] == 0).all()
 
 
-@pytest.mark.parametrize('B', [1, 2])
-@pytest.mark.parametrize('per_window', [False, True])
-def test_sdpa_path_equals_formula(per_window, B):
-    from swin_dense.window import _sdpa_window_attention
+def test_chunked_mlp_gradients_equal_autograd(monkeypatch):
+    """The CPU training MLP (chunked, GELU recomputed) against the formula under autograd."""
+    monkeypatch.setattr(cpu_fast, 'CHUNK_TOKENS', 4)  # 11 rows: chunks of 3, 4, 4
     torch.manual_seed(0)
-    nW, N, h, d = 3, 49, 3, 8
-    qkv = torch.randn(B * nW, N, 3 * h * d)
-    bias = torch.randn(*((nW,) if per_window else ()), h, N, N)
-    torch.testing.assert_close(_sdpa_window_attention(qkv, h, d ** -0.5, bias, nW, 0.0),
-                               plain_attention(qkv, h, d ** -0.5, bias, nW), rtol=0, atol=1e-5)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    params = (torch.randn(32, 8, **f64), torch.randn(32, **f64), torch.randn(8, 32, **f64),
+              torch.randn(8, **f64))
+    for shape in [(11, 8), (3, 5, 8)]:  # rows, or (B, L, C) tokens: chunks across images
+        u = torch.randn(shape, **f64)
+        out = cpu_fast.ChunkedGeluMLP.apply(u, *params)
+        ref = F.linear(F.gelu(F.linear(u, *params[:2])), *params[2:])
+        grad_out = torch.randn_like(out)
+        torch.testing.assert_close(out, ref)
+        assert out._base is None  # a fresh tensor: the residual is added into it in place
+        for a, b in zip(torch.autograd.grad(out, (u, *params), grad_out),
+                        torch.autograd.grad(ref, (u, *params), grad_out)):
+            torch.testing.assert_close(a, b)
+    small = (torch.randn(5, 3, **f64), torch.randn(6, 3, **f64), torch.randn(6, **f64),
+             torch.randn(3, 6, **f64), torch.randn(3, **f64))  # finite differences: 2 chunks
+    assert torch.autograd.gradcheck(cpu_fast.ChunkedGeluMLP.apply, small)
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_gelu_mlp_equals_the_formula(grad):
+    """Each form of :func:`cpu_fast.gelu_mlp` (GELU in place, chunked, GELU recomputed) gives
+    the formula's outputs and gradients (float64: the chunked kernel is fp32 only, so the
+    recompute path runs here; fp32 below)."""
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = (torch.randn(32, 8), torch.randn(32), torch.randn(8, 32), torch.randn(8))
+    for dtype in (torch.float32, torch.float64):
+        params = [p.to(dtype).requires_grad_() for p in (w1, b1, w2, b2)]
+        x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
+        with torch.set_grad_enabled(grad):
+            out = cpu_fast.gelu_mlp(x, *params)
+        ref = F.linear(F.gelu(F.linear(x, *params[:2])), *params[2:])
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+        torch.testing.assert_close(out, ref.detach() if not grad else ref, **tol)
+        if grad:
+            for a, b in zip(torch.autograd.grad(out.sum(), (x, *params)),
+                            torch.autograd.grad(ref.sum(), (x, *params))):
+                torch.testing.assert_close(a, b, **tol)
+
+
+def test_tokens_to_nchw_in_blocks_equals_permute(monkeypatch):
+    monkeypatch.setattr(cpu_fast, 'TRANSPOSE_BLOCK_NUMEL', 2 * 7 * 3)  # blocks of 2 rows of 5
+    x = torch.randn(2, 5 * 7, 3, dtype=torch.float64, requires_grad=True)
+    out = cpu_fast.tokens_to_nchw(x, (5, 7))
+    assert out.is_contiguous()
+    assert torch.equal(out, x.view(2, 5, 7, 3).permute(0, 3, 1, 2))  # a copy: exact
+    assert torch.autograd.gradcheck(lambda t: cpu_fast.tokens_to_nchw(t, (5, 7)), (x,))
+
+
+def test_skippable_residual_gives_dropped_branches_zero_gradients():
+    x = torch.randn(2, 3, requires_grad=True)
+    w = torch.randn(3, requires_grad=True)
+    calls = []
+
+    def branch(t):
+        calls.append(1)
+        return t * w
+
+    out = cpu_fast.skippable_residual(x, torch.zeros(2, 1), branch, [w])
+    out.sum().backward()
+    assert not calls
+    assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(x.grad, torch.ones(2, 3))
+    out = cpu_fast.skippable_residual(x, torch.tensor([[2.0], [0.0]]), branch, [w])
+    torch.testing.assert_close(out, x + x * w * torch.tensor([[2.0], [0.0]]))
+
+
+# ---------------------------------------------------------------- the switch
+
+def test_switch_context_manager_restores_the_flag():
+    assert cpu_fast.ENABLED and cpu_fast.applies()
+    with cpu_fast.enabled(False):
+        assert not cpu_fast.applies()
+        with cpu_fast.enabled(True):
+            assert cpu_fast.applies()
+        assert not cpu_fast.applies()
+    assert cpu_fast.applies()
+
+
+@pytest.mark.parametrize('value, expected', [('0', False), ('off', False), ('1', True),
+                                             ('', True)])
+def test_switch_reads_the_environment(value, expected):
+    code = 'from swin_dense.ops import cpu_fast; print(cpu_fast.ENABLED, cpu_fast.applies())'
+    env = {**os.environ, 'SWIN_DENSE_CPU_FAST': value}
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(expected)] * 2
+
+
+def test_switch_rejects_a_value_it_does_not_know():
+    code = 'import swin_dense.ops.cpu_fast'
+    env = {**os.environ, 'SWIN_DENSE_CPU_FAST': 'maybe'}
+    run = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert 'SWIN_DENSE_CPU_FAST' in run.stderr and 'set it to 0' in run.stderr
+
+
+def test_switch_is_off_while_a_graph_is_captured():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(cpu_fast.applies())
+            return x * 2
+
+    x = torch.randn(2, 3)
+    Probe()(x)
+    assert seen == [True]
+    seen.clear()
+    torch.jit.trace(Probe(), x, check_trace=False)
+    torch.export.export(Probe(), (x,))
+    torch._dynamo.reset()
+    torch.compile(Probe(), backend='eager')(x)
+    assert seen and not any(seen)

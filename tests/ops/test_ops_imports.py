@@ -1,0 +1,41 @@
+"""Imports run one way: ops (torch only) <- layers <- backbone; inside ops, each module imports
+only the ones before it."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / 'swin_dense'
+OPS_ORDER = ['window', 'attention', 'chunked_attention', 'token_attention', 'cpu_fast']
+STDLIB = {'__future__', 'contextlib', 'dataclasses', 'functools', 'os', 'typing'}
+
+
+def imports(path: Path) -> tuple[set[str], set[str]]:
+    """(absolute top-level packages, package-relative modules) that ``path`` imports, function
+    bodies included."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.split('.')[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                absolute.add(node.module.split('.')[0])
+            elif node.module:
+                relative.add(node.module)
+            else:
+                relative |= {alias.name for alias in node.names}
+    return absolute, relative
+
+
+@pytest.mark.parametrize('name', OPS_ORDER)
+def test_ops_import_torch_and_earlier_ops_only(name):
+    absolute, relative = imports(PACKAGE / 'ops' / f'{name}.py')
+    assert absolute <= STDLIB | {'torch'}, absolute
+    assert relative <= set(OPS_ORDER[:OPS_ORDER.index(name)]), relative
+
+
+def test_layers_import_ops_and_backbone_imports_layers():
+    absolute, relative = imports(PACKAGE / 'layers.py')
+    assert absolute <= STDLIB | {'torch'} and {m.split('.')[0] for m in relative} == {'ops'}
+    absolute, relative = imports(PACKAGE / 'backbone.py')
+    assert 'torch' in absolute and relative <= {'arch', 'layers', 'checkpoint'}
