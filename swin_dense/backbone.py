@@ -29,6 +29,48 @@ from .checkpoint.load import convert_state_dict_on_load
 from .layers import (PatchEmbed, PatchMerging, SwinStage, build_norm, capturing_graph,
                      tokens_to_nchw)
 
+#: Arguments of the official detection / segmentation repositories' ``SwinTransformer`` whose
+#: meaning is ours under another name (the other official arguments share our names).
+OFFICIAL_ARGUMENT_NAMES = {'embed_dim': 'embed_dims', 'in_chans': 'in_channels',
+                           'ape': 'use_abs_pos_embed', 'use_checkpoint': 'with_cp'}
+
+
+def _rename_official_arguments(given: dict, ours: dict) -> dict:
+    """Map the official repositories' argument names to ours, with a deprecation warning each
+    (a FutureWarning: shown by default, as users are the audience).
+
+    ``norm_layer`` is accepted when it is LayerNorm (our ``norm_cfg`` default); any other
+    unknown name is a TypeError that suggests the closest argument, so a typo in a config fails
+    before the model is built. A renamed argument that contradicts ours is an error.
+    """
+    import difflib
+    import inspect
+
+    renamed = {}
+    for name, value in given.items():
+        if name == 'norm_layer':
+            if value in ('LN', 'LayerNorm') or getattr(value, '__name__', '') == 'LayerNorm':
+                warnings.warn("norm_layer is the official repository's argument: LayerNorm is "
+                              "SwinBackbone's default (norm_cfg=dict(type='LN'))", FutureWarning)
+                continue
+            raise ValueError(f'norm_layer={value!r} is not LayerNorm; SwinBackbone takes '
+                             "norm_cfg=dict(type='LN', eps=...) instead")
+        if name not in OFFICIAL_ARGUMENT_NAMES:
+            known = list(inspect.signature(SwinBackbone.__init__).parameters)[1:-1]
+            close = difflib.get_close_matches(name, known + list(OFFICIAL_ARGUMENT_NAMES), n=2)
+            hint = f'; did you mean {" or ".join(close)}?' if close else ''
+            raise TypeError(f'SwinBackbone got an unexpected argument {name!r}{hint}')
+        ours_name = OFFICIAL_ARGUMENT_NAMES[name]
+        default = inspect.signature(SwinBackbone.__init__).parameters[ours_name].default
+        if ours[ours_name] != default and ours[ours_name] != value:
+            raise ValueError(f'{name}={value!r} (official name) and {ours_name}='
+                             f'{ours[ours_name]!r} disagree; give only {ours_name}')
+        warnings.warn(f"{name} is the official repository's name: SwinBackbone (as mmdet's "
+                      f'SwinTransformer) calls it {ours_name}', FutureWarning)
+        renamed[ours_name] = value
+    return renamed
+
+
 def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
@@ -80,6 +122,10 @@ class SwinBackbone(BaseModule):
             their output norms). Frozen parts get no gradients and stay in eval mode.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads weights of any supported
             format through :func:`swin_dense.checkpoint.load_pretrained`.
+        official_arguments: the official detection repository's names, accepted with a
+            deprecation warning: ``embed_dim``, ``in_chans``, ``ape``, ``use_checkpoint``,
+            ``norm_layer`` (LayerNorm only); ``pretrained``, ``patch_norm`` and the others
+            share our names. Any other name is an error that suggests the closest one.
     """
 
     def __init__(self,
@@ -107,7 +153,16 @@ class SwinBackbone(BaseModule):
                  pretrained: Optional[str] = None,
                  convert_weights: bool = False,
                  frozen_stages: int = -1,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 init_cfg: Optional[Union[dict, list]] = None,
+                 **official_arguments) -> None:
+        if official_arguments:  # a config pasted from the official Swin detection repository
+            renamed = _rename_official_arguments(official_arguments, dict(
+                in_channels=in_channels, embed_dims=embed_dims,
+                use_abs_pos_embed=use_abs_pos_embed, with_cp=with_cp))
+            in_channels = renamed.get('in_channels', in_channels)
+            embed_dims = renamed.get('embed_dims', embed_dims)
+            use_abs_pos_embed = renamed.get('use_abs_pos_embed', use_abs_pos_embed)
+            with_cp = renamed.get('with_cp', with_cp)
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError('give either init_cfg or the deprecated pretrained, not both')
