@@ -13,15 +13,21 @@ NARROW = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 ATOL = 1e-5
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights everywhere (LayerNorm gains, biases and bias tables included)."""
+def randomize(model: torch.nn.Module, seed: int = 0, gain_std: float = 0.1,
+              table_std: float = 0.1) -> torch.nn.Module:
+    """Non-trivial weights everywhere (LayerNorm gains, biases and bias tables included), at the
+    scales of a trained model, so that a wrongly loaded or computed tensor shows in the outputs:
+    gains ``1 + gain_std * noise``, bias tables ``table_std * noise``, biases ``0.1 * noise``,
+    matrices fan-in scaled."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if p.dim() == 1 and name.endswith('weight'):  # LayerNorm gains
-                p.copy_(1 + 0.1 * noise)
-            elif p.dim() == 1 or 'relative_position_bias_table' in name:
+                p.copy_(1 + gain_std * noise)
+            elif 'relative_position_bias_table' in name:
+                p.copy_(table_std * noise)
+            elif p.dim() == 1:
                 p.copy_(0.1 * noise)
             else:  # fan-in scaled, so activations stay O(1) through all blocks
                 p.copy_(noise * (p[0].numel()) ** -0.5)

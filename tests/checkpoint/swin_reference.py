@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from swin_dense import SwinBackbone
+from swin_peers import randomize
 
 SMALL = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 TOL = 1e-5
@@ -303,18 +304,7 @@ def max_diff(outs, refs):
 def randomise(module, seed=0):
     """Seeded random weights at the scales of a trained model (norms near 1, fan-in scaled
     matrices), so that a wrongly loaded tensor shows in the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith('relative_position_bias_table'):
-                p.copy_(0.5 * noise)
-            elif p.dim() >= 2:  # linear / conv weights, fan-in scaled
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif name.endswith('weight'):  # norms
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
+    return randomize(module, seed, gain_std=0.2, table_std=0.5)
 
 
 @pytest.fixture(scope='module')

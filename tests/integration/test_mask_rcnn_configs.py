@@ -13,6 +13,7 @@ from mmengine.config import Config  # noqa: E402
 
 import mmdet  # noqa: E402
 from swin_dense.demo_data import COCO_DEMO_CLASSES  # noqa: E402
+from config_parity import flatten  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs' / 'mask_rcnn'
@@ -29,33 +30,6 @@ PAIRS = {
 # the `pretrained` variable holding it), and the import that registers SwinBackbone.
 ALLOWED = {'model.backbone.type', 'model.backbone.init_cfg.checkpoint', 'pretrained'}
 CUSTOM_IMPORTS = {'imports': ['swin_dense'], 'allow_failed_imports': False}
-
-
-def flatten(node, prefix=''):
-    """Every leaf of a resolved config as ``{'a.b[0].c': value}``; ``_scope_`` markers, which
-    mmengine adds to everything inherited through ``mmdet::``, are returned apart."""
-    leaves, scopes = {}, {}
-    if isinstance(node, dict):
-        if not node and prefix:
-            leaves[prefix] = {}
-        for key, value in node.items():
-            path = f'{prefix}.{key}' if prefix else key
-            if key == '_scope_':
-                scopes[path] = value
-                continue
-            sub, sub_scopes = flatten(value, path)
-            leaves.update(sub)
-            scopes.update(sub_scopes)
-    elif isinstance(node, (list, tuple)):
-        if not node:
-            leaves[prefix] = type(node)()
-        for i, value in enumerate(node):
-            sub, sub_scopes = flatten(value, f'{prefix}[{i}]')
-            leaves.update(sub)
-            scopes.update(sub_scopes)
-    else:
-        leaves[prefix] = node
-    return leaves, scopes
 
 
 def resolved(path):

@@ -21,6 +21,7 @@ pytest.importorskip('mmseg')
 from mmengine.config import Config  # noqa: E402
 
 import swin_dense  # noqa: E402,F401  (registers SwinBackbone)
+from config_parity import flatten  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs'
@@ -77,33 +78,6 @@ ARCH = {
 OFFICIAL = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
 ALLOWED = {'model.backbone.type', 'model.backbone.init_cfg.checkpoint'}
 NAMES = sorted(PAIRS)
-
-
-def flatten(node, prefix=''):
-    """Every leaf of a resolved config as ``{'a.b[0].c': value}``; the ``_scope_`` markers that
-    inheriting through ``mmdet::`` / ``mmseg::`` stamps on typed dicts are returned apart."""
-    leaves, scopes = {}, {}
-    if isinstance(node, dict):
-        if not node and prefix:
-            leaves[prefix] = {}
-        for key, value in node.items():
-            path = f'{prefix}.{key}' if prefix else key
-            if key == '_scope_':
-                scopes[path] = value
-                continue
-            sub, sub_scopes = flatten(value, path)
-            leaves.update(sub)
-            scopes.update(sub_scopes)
-    elif isinstance(node, (list, tuple)):
-        if not node:
-            leaves[prefix] = type(node)()
-        for i, value in enumerate(node):
-            sub, sub_scopes = flatten(value, f'{prefix}[{i}]')
-            leaves.update(sub)
-            scopes.update(sub_scopes)
-    else:
-        leaves[prefix] = node
-    return leaves, scopes
 
 
 def _load(name: str) -> tuple[dict, dict]:
