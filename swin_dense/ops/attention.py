@@ -156,12 +156,24 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
+#: ``F.normalize``'s eps for float16 rows: the smallest normal float16. The default 1e-12 is 0 in
+#: float16 (0 / 0 = NaN on a zero row: a padding token's k, as V2 pads the residual stream
+#: with zeros and k has no bias), and in float32 its 1 / eps slope at a zero row (1e12) becomes
+#: an infinite gradient once cast back to float16. Rows of a norm below it are subnormal in
+#: float16 anyway.
+FLOAT16_NORM_EPS = 2.0 ** -14
+
+
+def norm_eps(dtype: torch.dtype) -> float:
+    """The eps of the q/k normalisation for rows of ``dtype``."""
+    return FLOAT16_NORM_EPS if dtype == torch.float16 else 1e-12
+
+
 def unit_rows(x: Tensor) -> Tensor:
-    """``x / max(||x||, 1e-12)`` along the last dim (``F.normalize``), computed in float32 for
-    float16 inputs: there the eps is 0, and a zero row (a padding token: V2 pads the residual
-    stream with zeros and k has no bias) would give 0 / 0 = NaN."""
+    """``x / max(||x||, eps)`` along the last dim (``F.normalize``), float16 rows computed in
+    float32 with :data:`FLOAT16_NORM_EPS`."""
     if x.dtype == torch.float16:
-        return F.normalize(x.float(), dim=-1).to(x.dtype)
+        return F.normalize(x.float(), dim=-1, eps=FLOAT16_NORM_EPS).to(x.dtype)
     return F.normalize(x, dim=-1)
 
 

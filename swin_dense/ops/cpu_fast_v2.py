@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import cosine_window_attention, logit_scale_factor
+from .attention import cosine_window_attention, logit_scale_factor, norm_eps
 from .chunked_attention import fused_inference_attention
 from .continuous_bias import continuous_position_bias
 from .cpu_fast import _cached_relative_position_index, records_grad
@@ -66,7 +66,7 @@ def _normalise_in_place(qkv: Tensor, num_heads: int, logit_scale: Tensor) -> Ten
     for t in (q, k):
         norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True,
                                         dtype=torch.promote_types(t.dtype, torch.float32))
-        norm.clamp_min_(1e-12)  # F.normalize's eps, kept in float32: it is 0 in float16
+        norm.clamp_min_(norm_eps(t.dtype))
         if t.dtype == norm.dtype:
             t.div_(norm)
         else:
