@@ -206,3 +206,21 @@ def test_convert_writes_our_layout_with_every_table(tmp_path, suffix):
     again = load_pretrained(model, dst)
     assert again.format == 'native_v2'
     assert all(w['source'] == 'file table' for w in again.pretrained_windows.values())
+
+
+def test_cli_converts_a_v2_file_with_one_window_per_stage(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tool_runs import tool_env
+    tool = Path(__file__).resolve().parents[2] / 'tools' / 'convert_checkpoint.py'
+    dst = tmp_path / 'swinv2_w16.pth'
+    run = subprocess.run([sys.executable, str(tool), str(V2 / 'official_swinv2_w8.pth'), str(dst),
+                          '--window-size', '16,16,16,8'], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=tool_env())
+    assert run.returncode == 0, run.stderr
+    assert 'format: official_v2' in run.stdout
+    assert 'stage 0: window 16, pretrained window 8' in run.stdout
+    state = read_checkpoint(dst)['state_dict']
+    assert torch.equal(state[f'stages.0.blocks.0.attn.w_msa.{TABLE}'], coords_table(16, 8))
