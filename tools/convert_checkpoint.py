@@ -6,9 +6,13 @@
 
 Supported sources: microsoft/Swin-Transformer (classification, 1K or 22K head), the official
 detection / segmentation repos, mmdet / mmseg / mmpretrain files, timm >= 0.9, torchvision.
+Swin V2 sources (official swinv2_*, timm swinv2_*, torchvision swin_v2_*, mmpretrain
+SwinTransformerV2, SimMIM) are written in SwinV2Backbone's layout.
 DST ending in ``.safetensors`` gets a safetensors file, anything else ``{'state_dict': ...}``.
 Without ``--arch`` the shape is taken from SRC; ``--window-size`` resizes the relative-position
-tables (e.g. 7 -> 12). Prints what was loaded, converted, resized and left out.
+tables (e.g. 7 -> 12), or for Swin V2 rebuilds the coordinate tables for the new window (one
+value, or one per stage: ``--window-size 16,16,16,8``) keeping the pretrained window of SRC.
+Prints what was loaded, converted, resized and left out.
 
 Whole detector / segmentor files (the official repositories' ``mask_rcnn_swin_*``,
 ``cascade_mask_rcnn_swin_*``, ``upernet_swin_*``, or the mmdet / mmseg model zoos') need no
@@ -32,6 +36,16 @@ def _import_converter():
     return convert_checkpoint
 
 
+def _window_size(text: str):
+    """``12`` -> 12; ``16,16,16,8`` -> [16, 16, 16, 8] (Swin V2: one window per stage)."""
+    try:
+        values = [int(v) for v in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an int or ints separated by commas, got '
+                                         f'{text!r}') from None
+    return values[0] if len(values) == 1 else values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Convert a Swin Transformer checkpoint (official, official detection, mmdet, '
@@ -40,8 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('dst', help='output file; .safetensors or a torch file')
     parser.add_argument('--arch', choices=['tiny', 'small', 'base', 'large'],
                         help='target variant (default: inferred from SRC)')
-    parser.add_argument('--window-size', type=int, default=None,
-                        help='target window (default: that of SRC); tables are resized bicubically')
+    parser.add_argument('--window-size', type=_window_size, default=None,
+                        help='target window (default: that of SRC); V1 tables are resized '
+                             'bicubically, V2 coordinate tables rebuilt; V2 also takes one per '
+                             'stage, e.g. 16,16,16,8')
     parser.add_argument('--prefix', default=None,
                         help="keep only the keys under this prefix (e.g. 'backbone.')")
     parser.add_argument('--trust-pickle', action='store_true',

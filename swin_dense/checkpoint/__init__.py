@@ -1,4 +1,5 @@
-"""Reading, recognising and converting Swin Transformer checkpoints for ``SwinBackbone``.
+"""Reading, recognising and converting Swin Transformer checkpoints for ``SwinBackbone`` and
+``SwinV2Backbone`` (Swin V2 layouts: :mod:`.formats_v2`, :mod:`.load_v2`; the same entry points).
 
 Weights flow one way: file -> safe read (:mod:`.io`) -> detect the layout and map the names
 (:mod:`.formats`, one mapper per layout) -> resize and load with a report (:mod:`.load`,
@@ -19,15 +20,18 @@ Entry points:
 from .convert import convert_checkpoint
 from .formats import (FORMAT_DESCRIPTIONS, FORMATS, detect_format, official_to_unfold_norm,
                       official_to_unfold_reduction, unwrap_state_dict)
+from .formats_v2 import FORMAT_V2_DESCRIPTIONS, FORMATS_V2, detect_v2_format
 from .io import (UnsafeCheckpointError, mmengine_safe_globals, read_checkpoint,
                  register_mmengine_safe_globals)
 from .load import (checkpoint_filter_fn, convert_state_dict, convert_state_dict_on_load,
                    infer_arch, load_pretrained, resize_absolute_pos_embed,
                    resize_relative_position_bias_table)
+from .load_v2 import infer_arch_v2, is_v2_model
 from .report import LoadReport
 
 __all__ = [
-    'FORMATS', 'FORMAT_DESCRIPTIONS', 'LoadReport', 'UnsafeCheckpointError',
+    'FORMATS', 'FORMATS_V2', 'FORMAT_DESCRIPTIONS', 'FORMAT_V2_DESCRIPTIONS', 'LoadReport',
+    'UnsafeCheckpointError', 'detect_v2_format', 'infer_arch_v2', 'is_v2_model',
     'checkpoint_filter_fn', 'convert_checkpoint', 'convert_state_dict',
     'convert_state_dict_on_load', 'detect_format', 'infer_arch', 'load_pretrained',
     'mmengine_safe_globals', 'official_to_unfold_norm', 'official_to_unfold_reduction',

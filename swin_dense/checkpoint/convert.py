@@ -1,7 +1,10 @@
 """Writing a checkpoint of any supported layout as a file in ours (``tools/convert_checkpoint.py``).
 
-The target model is given, or built through mmengine's registry (``type='SwinBackbone'``, which
-importing ``swin_dense`` registers), so this package never imports the backbone.
+The target model is given, or built through mmengine's registry (``type='SwinBackbone'``, or
+``type='SwinV2Backbone'`` for a Swin V2 file; importing ``swin_dense`` registers both), so this
+package never imports the backbone. A Swin V2 file is written in SwinV2Backbone's layout with a
+coordinate table on every block: the file's (rebuilt for the target window when it changes) or,
+where the source had none, the model's, so the written file records its pretrained windows.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from torch import Tensor
 from ..arch import ARCH_SETTINGS
 from ..fileio import atomic_write
 from .formats import MAPPERS, detect_layout, refine_format, unwrap
+from .formats_v2 import MAPPERS_V2, detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
 from .io import read_checkpoint
 from .load import convert_state_dict, infer_arch
+from .load_v2 import infer_arch_v2, is_v2_model, kept_tables
 from .report import LoadReport, describe_arch
 
 __all__ = ['convert_checkpoint']
@@ -32,11 +37,44 @@ _SHAPE_ARGUMENTS = ('embed_dims', 'depths', 'num_heads', 'window_size', 'patch_s
                     'pretrain_img_size')
 
 
-def _build_backbone(kwargs: dict) -> nn.Module:
-    if MODELS.get('SwinBackbone') is None:
-        raise RuntimeError("SwinBackbone is not registered in mmengine's MODELS: import "
+#: SwinV2Backbone arguments read from a Swin V2 source file.
+_V2_SHAPE_ARGUMENTS = ('embed_dims', 'depths', 'num_heads', 'window_size',
+                       'pretrained_window_sizes', 'patch_size', 'in_channels', 'mlp_ratio')
+
+
+def _build_backbone(kwargs: dict, name: str = 'SwinBackbone') -> nn.Module:
+    if MODELS.get(name) is None:
+        raise RuntimeError(f"{name} is not registered in mmengine's MODELS: import "
                            'swin_dense before converting')
-    return MODELS.build(dict(type='SwinBackbone', **kwargs))
+    return MODELS.build(dict(type=name, **kwargs))
+
+
+def _build_v2_target(model_or_arch: Any, state: Mapping[str, Tensor],
+                     window_size: Any) -> nn.Module:
+    """A SwinV2Backbone shaped like ``state`` (windows and pretrained windows from its tables),
+    with the explicit arguments on top."""
+    if model_or_arch is not None and not isinstance(model_or_arch, (str, Mapping)):
+        raise TypeError(f'model_or_arch must be a module, an arch name, a dict or None, '
+                        f'got {type(model_or_arch).__name__}')
+    kwargs: dict = {}
+    try:
+        arch = infer_arch_v2(state)
+        kwargs = {k: arch[k] for k in _V2_SHAPE_ARGUMENTS if arch.get(k) is not None}
+    except ValueError:
+        if model_or_arch is None:
+            raise
+    explicit = (dict(arch=model_or_arch) if isinstance(model_or_arch, str)
+                else dict(model_or_arch or {}))
+    if 'arch' in explicit:
+        for k in ('embed_dims', 'depths', 'num_heads'):
+            kwargs.pop(k, None)
+    kwargs.update(explicit)
+    if window_size is not None:
+        kwargs['window_size'] = window_size
+    depths = kwargs.get('depths') or ARCH_SETTINGS.get(kwargs.get('arch', 'tiny'), {}).get(
+        'depths', (2, 2, 6, 2))
+    kwargs.setdefault('out_indices', tuple(range(len(depths))))
+    return _build_backbone(kwargs, 'SwinV2Backbone')
 
 
 def _build_target(model_or_arch: Any, state: Mapping[str, Tensor],
@@ -84,21 +122,37 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
         src, dst: source and destination files.
         model_or_arch: the target SwinBackbone, an arch name ('tiny', ...), a dict of
             SwinBackbone kwargs, or None to take the shape from ``src``.
-        window_size: target window (relative-position tables are resized), when building the model.
+        window_size: target window (relative-position tables are resized), when building the model;
+            for Swin V2 an int or one per stage (the coordinate tables are rebuilt for it, with
+            the pretrained window the source's tables give).
         prefix, trust_pickle, logger: as :func:`load_pretrained`.
     """
     src, dst = Path(src), Path(dst)
     checkpoint = read_checkpoint(src, trust_pickle=trust_pickle)
     if isinstance(model_or_arch, nn.Module):
-        if window_size is not None and getattr(model_or_arch, 'window_size', None) != window_size:
+        given = tuple(window_size) if isinstance(window_size, list) else window_size
+        if window_size is not None and given not in (
+                getattr(model_or_arch, 'window_size', None),
+                getattr(model_or_arch, 'window_sizes', None)):
             raise ValueError('window_size is set by the model given; do not pass both')
         model = model_or_arch
+    elif is_v2_state(unwrap_v2(checkpoint, prefix).state):
+        unwrapped = unwrap_v2(checkpoint, prefix)
+        fmt = refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
+        model = _build_v2_target(model_or_arch, MAPPERS_V2[fmt](unwrapped.state).tensors,
+                                 window_size)
     else:
         unwrapped = unwrap(checkpoint, prefix)
         fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
         model = _build_target(model_or_arch, MAPPERS[fmt](unwrapped.state).tensors, window_size)
     state, report = convert_state_dict(checkpoint, model, prefix=prefix, source=str(src))
     report.check()
+    if is_v2_model(model):
+        kept = kept_tables(report, model)
+        state.update(kept)
+        if kept:
+            report.notes.append(f'{len(kept)} coordinate tables written from the model\'s '
+                                'pretrained_window_sizes (the source has none)')
     state = OrderedDict((k, v.detach().clone().contiguous()) for k, v in state.items())
     meta = {'converted_from': str(src), 'source_format': report.format,
             'converted_by': 'swin_dense.checkpoint.convert_checkpoint',

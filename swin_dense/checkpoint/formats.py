@@ -65,6 +65,16 @@ REASON_HEAD = 'classifier head'
 REASON_REORDER = ('PatchMerging channels reordered from the official 2x2 concat order to '
                   "nn.Unfold order (mmdet's swin_converter)")
 
+#: Why timm's ``swinv2_cr_*`` files are refused (by SwinBackbone and SwinV2Backbone alike).
+SWINV2_CR_REFUSAL = (
+    "this is a timm swinv2_cr_* checkpoint (meta_mlp keys), a different design from Swin V2: "
+    'its position MLP reads natural-log coordinates that no pretrained window normalises and has '
+    'no 16 * sigmoid, its logit scale is one value per head, its qkv has a full bias and its '
+    'PatchMerging normalises before the reduction, so none of its weights mean the same thing in '
+    "SwinV2Backbone. Use timm's SwinTransformerV2Cr for it, or take a Swin V2 file (the official "
+    "swinv2_*_256 / 22k files, timm swinv2_*, torchvision swin_v2_t/s/b, mmpretrain "
+    'SwinTransformerV2) for SwinV2Backbone')
+
 #: Buffers of the source models that ours rebuilds instead of loading.
 BUFFER_NAMES = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 _CONTAINER_KEYS = ('state_dict', 'model', 'module', 'state_dict_ema', 'model_ema')
@@ -190,9 +200,12 @@ def detect_layout(keys: Iterable[str]) -> str:
         ValueError: a Swin V2 checkpoint, or keys of no supported layout (a few are quoted).
     """
     keys = list(keys)
-    if any(('logit_scale' in k or 'cpb_mlp' in k) for k in keys):
+    if any('meta_mlp' in k for k in keys):
+        raise ValueError(SWINV2_CR_REFUSAL)
+    if any(('logit_scale' in k or 'cpb_mlp' in k or 'rpe_mlp' in k) for k in keys):
         raise ValueError('this is a Swin Transformer V2 checkpoint (logit_scale / cpb_mlp keys); '
-                         'SwinBackbone implements Swin V1 and cannot use it')
+                         "SwinBackbone implements Swin V1 and cannot use it: build "
+                         "SwinV2Backbone (backbone=dict(type='SwinV2Backbone', ...)) for V2 files")
     if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
         return 'torchvision'
     if any(NATIVE_BLOCK.match(k) for k in keys):

@@ -15,6 +15,10 @@ Always: the model's ``relative_position_bias_table`` is filled bicubically per h
 checkpoint's window differs (as mmdet / mmseg do), ``absolute_pos_embed`` bicubically over its
 grid when the grid differs.
 
+Swin V2 models (a SwinV2Backbone, recognised by its attributes and parameter names) take the
+same entry points: the V2 layouts are detected, mapped and their coordinate tables fitted by
+:mod:`.formats_v2` and :mod:`.load_v2`.
+
 Nothing here imports the backbone: the model is always given, and read through its state dict
 and a few attributes (``embed_dims``, ``depths``, ``num_heads``, ``window_size``,
 ``out_indices``, ``pos_embed_grid``).
@@ -38,7 +42,9 @@ from torch import Tensor
 from ..arch import ARCH_SETTINGS
 from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, REASON_OUTPUT_NORM, Unwrapped,
                       detect_layout, refine_format, unwrap)
+from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
 from .io import read_checkpoint
+from .load_v2 import convert_v2, infer_arch_v2, is_v2_model, kept_tables
 from .report import LoadReport
 
 __all__ = ['checkpoint_filter_fn', 'convert_state_dict', 'convert_state_dict_on_load',
@@ -94,7 +100,11 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict:
 
     Returns e.g. ``dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
     window_size=7, ...)``, plus ``'arch'`` ('tiny', ...) when the shape is a published variant.
+    A Swin V2 state dict (our V2 layout) gives SwinV2Backbone's arguments instead, with
+    ``version=2`` (see :func:`~swin_dense.checkpoint.load_v2.infer_arch_v2`).
     """
+    if is_v2_state(state):
+        return infer_arch_v2(state)
     proj = state.get('patch_embed.projection.weight')
     if proj is None or proj.dim() != 4:
         raise ValueError('cannot infer the architecture: no patch_embed.projection.weight')
@@ -253,6 +263,11 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[s
         prefix: keep only the keys under this prefix (e.g. ``'backbone.'``), as mmengine does.
         source: name of the checkpoint, for the report.
     """
+    if is_v2_model(model):
+        unwrapped = unwrap_v2(checkpoint, prefix)
+        fmt = refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
+        result, report, _ = convert_v2(unwrapped, fmt, model, source)
+        return result, report
     unwrapped = unwrap(checkpoint, prefix)
     fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
     result, report, _ = _convert(unwrapped, fmt, model, source)
@@ -331,22 +346,25 @@ def _in_own_layout(local: Mapping[str, Any], own: Mapping[str, Tensor]) -> bool:
                for k, v in local.items())
 
 
-def _layout_of_slice(local: Mapping[str, Any], own: Mapping[str, Tensor], prefix: str) -> str:
+def _layout_of_slice(local: Mapping[str, Any], own: Mapping[str, Tensor], prefix: str,
+                     name: str, v2: bool) -> str:
     try:
-        return detect_layout(local.keys())
+        return detect_v2_layout(local.keys()) if v2 else detect_layout(local.keys())
     except ValueError as error:
         if all(k in own or k.rsplit('.', 1)[-1] in BUFFER_NAMES for k in local):
-            return 'native'  # a partial state dict in our naming (no attention weights in it)
+            # a partial state dict in our naming (no attention weights in it)
+            return 'native_v2' if v2 else 'native'
         where = f'under {prefix!r}' if prefix else 'given'
         raise ValueError(
-            f'SwinBackbone cannot load the weights {where}: {error}. Loading stopped here: the '
+            f'{name} cannot load the weights {where}: {error}. Loading stopped here: the '
             'backbone would otherwise keep its current (random) weights') from error
 
 
 def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
                                local_metadata: dict, strict: bool, missing_keys: list,
                                unexpected_keys: list, error_msgs: list) -> None:
-    """``load_state_dict`` pre-hook of SwinBackbone: convert its slice of ``state_dict`` in place.
+    """``load_state_dict`` pre-hook of SwinBackbone and SwinV2Backbone: convert the backbone's
+    slice of ``state_dict`` in place.
 
     ``state_dict`` holds the backbone's keys under ``prefix`` (``'backbone.'`` in a detector,
     ``''`` when the backbone itself is loaded). Keys already in the model's layout and shapes
@@ -360,24 +378,31 @@ def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
             depths do not fit the model (names the right ``arch``). Backbone tensors the slice
             lacks are no error here: the loader reports missing keys as it always does.
     """
+    cls_name = type(module).__name__
     keys = [k for k in state_dict if k.startswith(prefix)]
     if not keys:
-        print_log(f'SwinBackbone: the state dict being loaded holds no key under {prefix!r}; the '
+        print_log(f'{cls_name}: the state dict being loaded holds no key under {prefix!r}; the '
                   'backbone keeps its current weights', logger='current', level=logging.WARNING)
         return
     local = OrderedDict((k[len(prefix):], state_dict[k]) for k in keys)
     own = module.state_dict()
     if _in_own_layout(local, own):
         if prefix:  # a whole-model load (a bare backbone load is logged by its caller)
-            print_log(f'SwinBackbone ({prefix!r}): {len(local)} of {len(own)} tensors in its own '
+            print_log(f'{cls_name} ({prefix!r}): {len(local)} of {len(own)} tensors in its own '
                       'layout, loaded as they are', logger='current')
         return
 
-    layout = _layout_of_slice(local, own, prefix)
+    v2 = is_v2_model(module)
+    layout = _layout_of_slice(local, own, prefix, cls_name, v2)
     unwrapped = Unwrapped(local, {}, [], had_backbone_prefix=bool(prefix))
     source = (f'the state dict loaded into the model (keys under {prefix!r})' if prefix
               else 'the state dict given to load_state_dict')
-    state, report, origin = _convert(unwrapped, refine_format(layout, unwrapped), module, source)
+    if v2:
+        state, report, origin = convert_v2(unwrapped, refine_v2_format(layout, unwrapped),
+                                           module, source)
+    else:
+        state, report, origin = _convert(unwrapped, refine_format(layout, unwrapped), module,
+                                         source)
     report.check(allow_missing=True)
 
     consumed = {origin[k] for k in state}
@@ -387,6 +412,9 @@ def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
             del state_dict[key]
     for key, value in state.items():
         state_dict[prefix + key] = value
+    if v2:  # tables the file lacks: the model's own (its pretrained windows), not missing keys
+        for key, value in kept_tables(report, module).items():
+            state_dict[prefix + key] = value
     if report.missing:
         report.notes.append('tensors the state dict lacks keep their current values (the loader '
                             'lists them as missing keys)')

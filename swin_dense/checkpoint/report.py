@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .formats import FORMAT_DESCRIPTIONS, REASON_OUTPUT_NORM
+from .formats_v2 import FORMAT_V2_DESCRIPTIONS, REASON_TABLE_KEPT
 
 __all__ = ['LoadReport', 'describe_arch']
 
 _INDEX = re.compile(r'(?<=[._a-z])\d+(?=\.)')
+
+#: Reasons of missing tensors that are no error: the model's own values are the right ones.
+EXPECTED_MISSING_REASONS = (REASON_OUTPUT_NORM, REASON_TABLE_KEPT)
 
 
 def summarise_keys(keys: list, limit: int = 6) -> list:
@@ -36,7 +40,8 @@ def describe_arch(arch: Optional[Mapping]) -> str:
     """``Swin-T (embed_dims=96, depths=(2, 2, 6, 2), ...)`` for an :func:`infer_arch` dict."""
     if not arch:
         return 'unknown shape'
-    name = f"Swin-{arch['arch'][0].upper()} " if arch.get('arch') else ''
+    family = 'Swin V2-' if arch.get('version') == 2 else 'Swin-'
+    name = f"{family}{arch['arch'][0].upper()} " if arch.get('arch') else ''
     return (f"{name}(embed_dims={arch.get('embed_dims')}, depths={arch.get('depths')}, "
             f"num_heads={arch.get('num_heads')}, window_size={arch.get('window_size')})")
 
@@ -58,6 +63,11 @@ class LoadReport:
         unexpected: our keys the checkpoint has and the model lacks (other stages/blocks).
         notes: other remarks (container key used, prefixes stripped, ...).
         checkpoint_arch / model_arch: shapes (see :func:`infer_arch`), for error messages.
+        model_name: the class loaded into (``SwinBackbone`` / ``SwinV2Backbone``).
+        pretrained_windows: Swin V2 only: stage -> ``dict(window, pretrained, source)``, the
+            pretrained window each stage's coordinate tables use and where it came from.
+        warnings: things that load but deserve a look (Swin V2: a file's pretrained window
+            that contradicts the model's ``pretrained_window_sizes``).
     """
 
     source: str
@@ -73,6 +83,9 @@ class LoadReport:
     notes: list = field(default_factory=list)
     checkpoint_arch: Optional[dict] = None
     model_arch: Optional[dict] = None
+    model_name: str = 'SwinBackbone'
+    pretrained_windows: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
     @property
     def num_loaded(self) -> int:
@@ -80,16 +93,19 @@ class LoadReport:
 
     @property
     def expected_missing(self) -> list:
-        return [k for k, r in self.missing.items() if r == REASON_OUTPUT_NORM]
+        return [k for k, r in self.missing.items() if r in EXPECTED_MISSING_REASONS]
 
     @property
     def unexpected_missing(self) -> list:
-        return [k for k, r in self.missing.items() if r != REASON_OUTPUT_NORM]
+        return [k for k, r in self.missing.items() if r not in EXPECTED_MISSING_REASONS]
 
     def _arch_advice(self) -> str:
         ckpt, model = self.checkpoint_arch, self.model_arch
         text = f'the checkpoint is {describe_arch(ckpt)}; the model is {describe_arch(model)}'
-        if ckpt and ckpt.get('arch'):
+        if ckpt and ckpt.get('arch') and ckpt.get('version') == 2:
+            text += (f". Build {self.model_name} with arch='{ckpt['arch']}' (any window_size: "
+                     'the coordinate tables are rebuilt for it)')
+        elif ckpt and ckpt.get('arch'):
             text += (f". Build the backbone with arch='{ckpt['arch']}'"
                      + (f' (window_size={ckpt["window_size"]} or keep yours: tables are resized)'
                         if ckpt.get('window_size') else ''))
@@ -126,10 +142,15 @@ class LoadReport:
                              f'{self._arch_advice()}')
 
     def __str__(self) -> str:
-        lines = [f'SwinBackbone weights from {self.source}',
-                 f'  format: {self.format} ({FORMAT_DESCRIPTIONS.get(self.format, "?")})',
+        described = {**FORMAT_DESCRIPTIONS, **FORMAT_V2_DESCRIPTIONS}.get(self.format, '?')
+        lines = [f'{self.model_name} weights from {self.source}',
+                 f'  format: {self.format} ({described})',
                  f'  loaded: {self.num_loaded} of {self.total} backbone tensors']
         lines += [f'  note: {n}' for n in self.notes]
+        lines += [f'  WARNING: {w}' for w in self.warnings]
+        for stage, used in sorted(self.pretrained_windows.items()):
+            lines.append(f"  stage {stage}: window {used['window']}, pretrained window "
+                         f"{used['pretrained']} ({used['source']})")
 
         def section(title: str, entries: Mapping[str, Any]) -> None:
             by_reason: dict[str, list] = OrderedDict()

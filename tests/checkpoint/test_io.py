@@ -133,7 +133,9 @@ def _imported_modules(path: Path, package: str) -> list[str]:
 
 def test_the_package_never_imports_the_model_code():
     """Imports run one way: the backbone uses the checkpoint package, never the reverse (not
-    even inside a function body); the package reads the arch table from swin_dense.arch."""
+    even inside a function body); the package reads the arch table from swin_dense.arch, and
+    the Swin V2 coordinate tables from the pure function module swin_dense.ops.continuous_bias
+    (which imports nothing above the ops)."""
     package = Path(__file__).resolve().parents[2] / 'swin_dense' / 'checkpoint'
     files = sorted(package.glob('*.py'))
     assert {p.name for p in files} >= {'io.py', 'formats.py', 'load.py', 'convert.py'}
@@ -141,4 +143,10 @@ def test_the_package_never_imports_the_model_code():
         for name in _imported_modules(path, 'swin_dense.checkpoint'):
             if name.startswith('swin_dense'):
                 assert name.startswith(('swin_dense.checkpoint', 'swin_dense.arch',
-                                        'swin_dense.fileio')), f'{path.name} imports {name}'
+                                        'swin_dense.fileio')) \
+                    or name == 'swin_dense.ops.continuous_bias', f'{path.name} imports {name}'
+    ops = package.parent / 'ops'
+    for module in ('continuous_bias', 'window'):
+        for name in _imported_modules(ops / f'{module}.py', 'swin_dense.ops'):
+            if name.startswith('swin_dense'):
+                assert name.startswith('swin_dense.ops.window'), f'ops/{module}.py imports {name}'
