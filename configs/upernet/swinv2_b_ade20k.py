@@ -1,10 +1,11 @@
 # UperNet + Swin V2-B (SwinV2Backbone, window 16, ImageNet-22K 192 pretraining fine-tuned on
 # ImageNet-1K at 256) on ADE20K: 512x512 crops, 160k iterations, 8 GPUs x 2 images.
 #
-# No published result and no published recipe: the Swin V2 authors released no segmentation code,
-# configs or weights for V2-T/S/B/L (only the 3-billion-parameter SwinV2-G has dense results in the
-# paper: UperNet, ADE20K val 59.9 mIoU; unreleased), and mmseg has no Swin V2. The recipe is
-# therefore the V1 recipe of the same method: configs/upernet/swin_b_ade20k_in22k.py (= mmseg
+# No published result and no published recipe for this model: the Swin V2 authors released no
+# segmentation code, configs or weights (the paper's ADE20K results are the unreleased
+# 3-billion-parameter SwinV2-G's with UperNet, 59.9 mIoU on val, and ablations on smaller models with
+# settings given in prose only), and mmseg has no Swin V2. The recipe is therefore the V1 recipe of
+# the same method: configs/upernet/swin_b_ade20k_in22k.py (= mmseg
 # 1.2.2's configs/swin/swin-base-patch4-window7-in22k-pre_upernet_8xb2-160k_ade20k-512x512.py,
 # whose hyper-parameters are those of every mmseg Swin-B UperNet config), every key unchanged except:
 #   - the backbone: Swin V2-B (embed 128, depths 2-2-18-2, heads 4-8-16-32, as V1-B) with the window
