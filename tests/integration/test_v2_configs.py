@@ -9,7 +9,7 @@ that did not happen, fails. The demos may change the backbone only.
 Once ``SwinV2Backbone`` is registered, the backbones are built from the configs (windows, widths
 the neck reads, parameter count, weight-decay rules on our parameter names), and each detector /
 segmentor is built at a reduced width and depth (windows as configured) and takes one training
-step on a tiny synthetic batch. The full-size step is in tests/e2e/test_zoo_one_iteration.py and
+step on a tiny synthetic batch; the demo models are built as configured. The full-size step is in tests/e2e/test_zoo_one_iteration.py and
 a few demo iterations through tools/train.py in tests/e2e/test_v2_demos.py (both slow).
 """
 from __future__ import annotations
@@ -236,7 +236,6 @@ def _tiny_model_cfg(cfg: Config) -> None:
     """Width 32 and two blocks per stage (windows as configured), heads to match: a step in
     seconds on a CPU; no weights are read."""
     widths = [32, 64, 128, 256]
-    cfg.model.backbone.pop('arch', None)  # the demos name the size by arch='tiny'
     cfg.model.backbone.update(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8],
                               init_cfg=None)
     if 'neck' in cfg.model:
@@ -269,7 +268,20 @@ def _batch(cfg: Config, size: int = 64) -> dict:
 
 
 @needs_v2
-@pytest.mark.parametrize('name', NAMES + sorted(DEMOS))
+@pytest.mark.parametrize('demo', sorted(DEMOS))
+def test_demo_model_builds_with_a_v2_tiny_backbone(demo):
+    """As configured (full size, from scratch); its iterations are in tests/e2e/test_v2_demos.py."""
+    cfg = Config.fromfile(str(CONFIGS / demo))
+    model = _registry(cfg.default_scope).build(cfg.model)
+    backbone = model.backbone
+    assert type(backbone).__name__ == 'SwinV2Backbone'
+    assert (backbone.embed_dims, tuple(backbone.depths)) == (96, (2, 2, 6, 2))
+    assert set(backbone.window_sizes) == {cfg.model.backbone.window_size}
+    assert list(backbone.out_channels) == _reader_widths(cfg.model)
+
+
+@needs_v2
+@pytest.mark.parametrize('name', NAMES)
 def test_model_builds_and_takes_one_training_step(name):
     from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
