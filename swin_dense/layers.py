@@ -32,9 +32,10 @@ from .ops.window import (WindowLayout, merge_windows, padded_size, partition_win
                          relative_position_bias, shift_mask, tokens_from_windows, window_layout,
                          windows_from_tokens)
 
-__all__ = ['DropPath', 'FFN', 'PatchEmbed', 'PatchMerging', 'ShiftWindowMSA', 'SwinBlock',
-           'SwinStage', 'WindowMSA', 'build_activation', 'build_norm', 'capturing_graph',
-           'drop_path', 'drop_path_scale', 'tokens_to_nchw']
+__all__ = ['BlockStage', 'DropPath', 'FFN', 'PatchEmbed', 'PatchMerging', 'ShiftWindowMSA',
+           'ShiftedWindows', 'SwinBlock', 'SwinStage', 'WindowMSA', 'build_activation',
+           'build_norm', 'capturing_graph', 'concat_2x2', 'concat_order', 'drop_path',
+           'drop_path_scale', 'tokens_to_nchw']
 
 _ACTIVATIONS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU, 'Swish': nn.SiLU,
                 'LeakyReLU': nn.LeakyReLU, 'ELU': nn.ELU, 'Tanh': nn.Tanh}
@@ -135,7 +136,24 @@ class PatchEmbed(nn.Module):
         return x, hw
 
 
-def _concat_order(p: Tensor) -> Tensor:
+def concat_2x2(x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """Each 2x2 neighbourhood's tokens concatenated: ``(B, H*W, C)`` -> ``(B, Ho*Wo, 4C)`` with
+    ``Ho, Wo = ceil(H / 2), ceil(W / 2)`` (odd sizes zero-padded bottom/right), feature
+    ``(2 * dy + dx) * C + c`` (see :func:`concat_order`)."""
+    B, _, C = x.shape
+    H, W = hw
+    Ho, Wo = (H + 1) // 2, (W + 1) // 2
+    x = x.view(B, H, W, C)
+    # the plain path pads by 2 * ceil(H / 2) - H (maybe 0): no branch on the size, and a
+    # padded size that is 2 * Ho exactly for symbolic shapes
+    if not cpu_fast.applies() or H % 2 or W % 2:
+        x = F.pad(x, (0, 0, 0, 2 * Wo - W, 0, 2 * Ho - H))
+    # (B, Ho, dy, Wo, dx, C) -> (B, Ho, Wo, dy, dx, C)
+    x = x.view(B, Ho, 2, Wo, 2, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, Ho * Wo, 4 * C), (Ho, Wo)
+
+
+def concat_order(p: Tensor) -> Tensor:
     """A parameter's last dim from the Unfold order to the concatenation order.
 
     Feature ``(2 * dy + dx) * C + c`` of the concatenation is Unfold feature
@@ -165,22 +183,13 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * in_channels, out_channels, bias=False)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        B, _, C = x.shape
-        H, W = hw
-        Ho, Wo = (H + 1) // 2, (W + 1) // 2
-        x = x.view(B, H, W, C)
-        # the plain path pads by 2 * ceil(H / 2) - H (maybe 0): no branch on the size, and a
-        # padded size that is 2 * Ho exactly for symbolic shapes
-        if not cpu_fast.applies() or H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, 2 * Wo - W, 0, 2 * Ho - H))
-        # (B, Ho, dy, Wo, dx, C) -> (B, Ho, Wo, dy, dx, C)
-        x = x.view(B, Ho, 2, Wo, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Ho * Wo, 4 * C)
+        x, hw_out = concat_2x2(x, hw)
         if self.norm is not None:
             norm = self.norm
             x = F.layer_norm(x, norm.normalized_shape,
-                             None if norm.weight is None else _concat_order(norm.weight),
-                             None if norm.bias is None else _concat_order(norm.bias), norm.eps)
-        return F.linear(x, _concat_order(self.reduction.weight)), (Ho, Wo)
+                             None if norm.weight is None else concat_order(norm.weight),
+                             None if norm.bias is None else concat_order(norm.bias), norm.eps)
+        return F.linear(x, concat_order(self.reduction.weight)), hw_out
 
 
 class WindowMSA(nn.Module):
@@ -243,18 +252,22 @@ class WindowMSA(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class ShiftWindowMSA(nn.Module):
-    """W-MSA (``shift_size == 0``) or SW-MSA over a token map: ``(B, H*W, C)`` -> same.
+class ShiftedWindows(nn.Module):
+    """A window attention ``w_msa`` over a token map: ``(B, H*W, C)`` -> same.
 
-    Pads, shifts, partitions, attends in windows and undoes it all. The shift is applied
-    whatever the map size, as mmdet and the official detection code do: on maps not larger
-    than the window the shift still mixes the padded grid, so outputs equal the in-tree
-    backbones' on every size.
+    Pads bottom/right to a multiple of the window, shifts (``shift_size > 0``), partitions,
+    attends in windows and undoes it all: one mechanism for both Swin versions, whose window
+    attentions differ (:class:`WindowMSA` here, the cosine attention of
+    :mod:`swin_dense.layers_v2`). The shift is applied whatever the map size, as mmdet, mmseg
+    and mmpretrain (``pad_small_map=True``) do: on maps not larger than the window the shift
+    still mixes the padded grid, and the window never shrinks.
+
+    ``w_msa`` takes windows ``(B * nW, N, C)``, the ``(nW, N, N)`` shift mask or None and
+    ``nW``; for the fast path it also has ``takes_tokens(x, layout)`` and
+    ``forward_tokens(x, layout)``.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+    def __init__(self, w_msa: nn.Module, window_size: int, shift_size: int = 0,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if not 0 <= shift_size < window_size:
@@ -262,8 +275,7 @@ class ShiftWindowMSA(nn.Module):
                              f'with window_size {window_size}')
         self.window_size = window_size
         self.shift_size = shift_size
-        self.w_msa = WindowMSA(embed_dims, num_heads, window_size, qkv_bias, qk_scale,
-                               attn_drop_rate, proj_drop_rate)
+        self.w_msa = w_msa
         self.drop = DropPath(drop_path_rate)
 
     def layout(self, hw: tuple[int, int], device: torch.device) -> WindowLayout:
@@ -291,6 +303,18 @@ class ShiftWindowMSA(nn.Module):
         mask = shift_mask(Hp, Wp, M, s, x.device) if s else None
         windows = self.w_msa(partition_windows(x, hw, M, s), mask, (Hp // M) * (Wp // M))
         return merge_windows(windows, hw, M, s)
+
+
+class ShiftWindowMSA(ShiftedWindows):
+    """V1's W-MSA (``shift_size == 0``) or SW-MSA: :class:`WindowMSA` in shifted windows."""
+
+    def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__(WindowMSA(embed_dims, num_heads, window_size, qkv_bias, qk_scale,
+                                   attn_drop_rate, proj_drop_rate),
+                         window_size, shift_size, drop_path_rate)
 
 
 class FFN(nn.Module):
@@ -397,24 +421,16 @@ class SwinBlock(nn.Module):
         return cpu_fast.skippable_residual(x, drop_path_scale(x, drop.drop_prob), branch, params)
 
 
-class SwinStage(nn.Module):
-    """``depth`` blocks alternating W-MSA and SW-MSA, then an optional PatchMerging.
+class BlockStage(nn.Module):
+    """Blocks over a token map, then an optional downsampling (PatchMerging).
 
     Returns ``(x_down, hw_down, x, hw)``: the input of the next stage and this stage's output.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, feedforward_channels: int, depth: int,
-                 window_size: int = 7, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rates: Sequence[float] = (), downsample: Optional[PatchMerging] = None,
-                 act_cfg: dict = dict(type='GELU'), norm_cfg: dict = dict(type='LN'),
-                 with_cp: bool = False) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None
+                 ) -> None:
         super().__init__()
-        drop_path_rates = list(drop_path_rates) or [0.0] * depth
-        self.blocks = nn.ModuleList(
-            SwinBlock(embed_dims, num_heads, feedforward_channels, window_size, i % 2 == 1,
-                      qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rates[i],
-                      act_cfg, norm_cfg, with_cp) for i in range(depth))
+        self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
 
     def forward(self, x: Tensor, hw: tuple[int, int]
@@ -425,3 +441,19 @@ class SwinStage(nn.Module):
             return x, hw, x, hw
         x_down, hw_down = self.downsample(x, hw)
         return x_down, hw_down, x, hw
+
+
+class SwinStage(BlockStage):
+    """``depth`` V1 blocks alternating W-MSA and SW-MSA, then an optional PatchMerging."""
+
+    def __init__(self, embed_dims: int, num_heads: int, feedforward_channels: int, depth: int,
+                 window_size: int = 7, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rates: Sequence[float] = (), downsample: Optional[PatchMerging] = None,
+                 act_cfg: dict = dict(type='GELU'), norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False) -> None:
+        drop_path_rates = list(drop_path_rates) or [0.0] * depth
+        super().__init__([SwinBlock(embed_dims, num_heads, feedforward_channels, window_size,
+                                    i % 2 == 1, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                                    drop_path_rates[i], act_cfg, norm_cfg, with_cp)
+                          for i in range(depth)], downsample)

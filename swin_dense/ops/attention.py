@@ -20,6 +20,7 @@ Shapes: ``B * nW`` windows, ``N`` tokens per window, ``h`` heads, ``d`` channels
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,9 +75,14 @@ def explicit_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: T
     Returns:
         ``(B * nW, N, C)``, before the output projection.
     """
-    q, k, v = split_heads(qkv, num_heads)
-    N = qkv.shape[1]
-    attn = (q * scale) @ k.transpose(-2, -1)
+    return _explicit(*split_heads(qkv, num_heads), scale, bias, mask, dropout_p)
+
+
+def _explicit(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor,
+              mask: Optional[Tensor], dropout_p: float) -> Tensor:
+    """:func:`explicit_window_attention` on heads ``(B*nW, h, N, d)`` -> ``(B*nW, N, C)``."""
+    num_heads, N = q.shape[1], q.shape[2]
+    attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
     attn = attn + bias.to(attn.dtype).unsqueeze(0)
     if mask is not None:
         # the batch viewed as (B, nW): the mask broadcasts over images, never expanded
@@ -98,20 +104,38 @@ def fused_window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tens
     a batch of several viewed as ``(B, nW * h)`` (which takes a copy of ``qkv``).
     """
     BW, N, C3 = qkv.shape
-    bias = fold_mask(bias, mask).to(qkv.dtype)
-    one_image = mask is not None and not torch.compiler.is_compiling() and BW == mask.shape[0]
-    if mask is None or one_image:
-        q, k, v = split_heads(qkv, num_heads)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.unsqueeze(0) if mask is None else bias,
-            dropout_p=dropout_p, scale=scale)
-        return merge_heads(out)
+    if mask is None or _one_image(BW, mask):
+        return _fused(*split_heads(qkv, num_heads), scale, bias, mask, dropout_p)
     nW, d = mask.shape[0], C3 // (3 * num_heads)
     qkv = qkv.view(-1, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)
     q, k, v = qkv.reshape(3, -1, nW * num_heads, N, d).unbind(0)
+    return _fused_per_window(q, k, v, scale, bias, mask, dropout_p, BW)
+
+
+def _one_image(num_rows: int, mask: Tensor) -> bool:
+    return not torch.compiler.is_compiling() and num_rows == mask.shape[0]
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor, mask: Optional[Tensor],
+           dropout_p: float) -> Tensor:
+    """The fused kernel on heads ``(B*nW, h, N, d)``, without a mask or for one image."""
+    bias = fold_mask(bias, mask).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0) if mask is None
+                                         else bias, dropout_p=dropout_p, scale=scale)
+    return merge_heads(out)
+
+
+def _fused_per_window(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor, mask: Tensor,
+                      dropout_p: float, num_rows: int) -> Tensor:
+    """The fused kernel on heads viewed ``(B, nW * h, N, d)``: the per-window bias
+    ``(nW, h, N, N)`` broadcasts over the images."""
+    nW, N = mask.shape[0], mask.shape[1]
+    num_heads = q.shape[1] // nW
+    bias = fold_mask(bias, mask).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, N, N),
                                          dropout_p=dropout_p, scale=scale)
-    return out.view(-1, nW, num_heads, N, d).permute(0, 1, 3, 2, 4).reshape(BW, N, -1)
+    return out.view(-1, nW, num_heads, N, q.shape[-1]).permute(0, 1, 3, 2, 4).reshape(
+        num_rows, N, -1)
 
 
 def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
@@ -124,3 +148,54 @@ def window_attention(qkv: Tensor, num_heads: int, scale: float, bias: Tensor,
     if exporting():
         return explicit_window_attention(qkv, num_heads, scale, bias, mask, dropout_p)
     return fused_window_attention(qkv, num_heads, scale, bias, mask, dropout_p)
+
+
+# ---------------------------------------------------------------- Swin V2: cosine attention
+
+#: Swin V2 clamps the learnable logit scale at log(100): cosines are multiplied by at most 100.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """``x / max(||x||, 1e-12)`` along the last dim (``F.normalize``), computed in float32 for
+    float16 inputs: there the eps is 0, and a zero row (a padding token: V2 pads the residual
+    stream with zeros and k has no bias) would give 0 / 0 = NaN."""
+    if x.dtype == torch.float16:
+        return F.normalize(x.float(), dim=-1).to(x.dtype)
+    return F.normalize(x, dim=-1)
+
+
+def logit_scale_factor(logit_scale: Tensor) -> Tensor:
+    """``exp(min(logit_scale, log 100))``, ``(h, 1, 1)``: the multiplier of each head's cosines
+    (no gradient past the clamp)."""
+    return torch.clamp(logit_scale, max=MAX_LOGIT_SCALE).exp()
+
+
+def cosine_heads(qkv: Tensor, num_heads: int, logit_scale: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Swin V2's q and k: unit vectors, the head's logit scale folded into q, so that
+    ``q k^T`` is the scaled cosine. ``(B*nW, N, 3C)`` -> three ``(B*nW, h, N, d)``."""
+    q, k, v = split_heads(qkv, num_heads)
+    q = unit_rows(q) * logit_scale_factor(logit_scale).to(q.dtype)
+    return q, unit_rows(k), v
+
+
+def cosine_window_attention(qkv: Tensor, num_heads: int, logit_scale: Tensor, bias: Tensor,
+                            mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """Swin V2's scaled cosine attention inside each window, before the output projection:
+    ``softmax(cos(q, k) * exp(min(logit_scale, log 100)) + bias (+ mask)) v``.
+
+    Arguments as :func:`window_attention`, with ``logit_scale`` ``(h, 1, 1)`` instead of
+    ``scale``; ``bias`` is the continuous position bias ``(h, N, N)``. Matrix products while
+    exporting, the fused kernel otherwise. The shift mask's -100 is not negligible here
+    (logits reach 116 = 100 + 16), so every masked pair is computed as the formula says.
+    """
+    BW = qkv.shape[0]
+    q, k, v = cosine_heads(qkv, num_heads, logit_scale)
+    if exporting():
+        return _explicit(q, k, v, 1.0, bias, mask, dropout_p)
+    if mask is None or _one_image(BW, mask):
+        return _fused(q, k, v, 1.0, bias, mask, dropout_p)
+    nW = mask.shape[0]
+    q, k, v = (t.reshape(-1, nW * num_heads, *t.shape[2:]) for t in (q, k, v))
+    return _fused_per_window(q, k, v, 1.0, bias, mask, dropout_p, BW)
