@@ -221,6 +221,7 @@ def _override_hint(cfg: Config) -> str:
 # Pretrained weights, checkpoints
 # =====================================================================================
 _OFFICIAL_WEIGHTS = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
+_OFFICIAL_WEIGHTS_V2 = 'https://github.com/SwinTransformer/storage/releases/download/v2.0.0/'
 
 
 def _pretrained_paths(model: Any, where: str = 'model') -> Iterator[tuple[str, str, Any]]:
@@ -247,24 +248,27 @@ def check_pretrained(cfg: Config) -> None:
     URLs and mmengine's ``torchvision://``-style names are left to mmengine.
     """
     for key, path, owner in _pretrained_paths(cfg.get('model')):
-        ours = owner == 'SwinBackbone'
+        ours = owner in ('SwinBackbone', 'SwinV2Backbone')
         if (_is_remote(path) and not ours) or osp.exists(osp.expanduser(path)):
             continue
         name = osp.basename(path)
         if _is_remote(path):
             lines = [f'pretrained weights are a URL: {path} (set in {key}.checkpoint); '
-                     'SwinBackbone never downloads. Download the file and point '
+                     f'{owner} never downloads. Download the file and point '
                      f'{key}.checkpoint (or the config\'s `pretrained`) at the local copy, e.g. '
                      f'mkdir -p checkpoints && wget -O checkpoints/{name} {path}']
         else:
             lines = [f'pretrained weights not found: {_fmt(path)} (set in {key}.checkpoint)']
-            if name.startswith('swin_'):
+            if name.startswith('swinv2_'):
+                lines.append(f'The official Swin V2 ImageNet weights are at '
+                             f'{_OFFICIAL_WEIGHTS_V2}{name}; download that file to {path}.')
+            elif name.startswith('swin_'):
                 lines.append(f'The official ImageNet weights are at {_OFFICIAL_WEIGHTS}{name}; '
                              f'download that file to {path} (mkdir -p '
                              f'{osp.dirname(path) or "."} && wget -O {path} '
                              f'{_OFFICIAL_WEIGHTS}{name}).')
-        lines.append('SwinBackbone reads the official, timm, torchvision, mmpretrain, mmdet and '
-                     'mmseg formats as they are; tools/convert_checkpoint.py SRC DST writes any '
+        lines.append('SwinBackbone and SwinV2Backbone read the official, timm, torchvision, '
+                     'mmpretrain, mmdet and mmseg formats as they are; tools/convert_checkpoint.py SRC DST writes any '
                      'of them in the native layout (e.g. as .safetensors).')
         lines.append(f'Point elsewhere with --cfg-options {key}.checkpoint=/path/to/'
                      f'{name or "weights.pth"}, or train from scratch (random initialisation) '

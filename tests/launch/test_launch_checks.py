@@ -22,6 +22,7 @@ from swin_dense.launch import (ChannelMismatchError, DataNotFoundError,  # noqa:
 
 REPO = Path(__file__).resolve().parents[2]
 COCO_1X = str(REPO / 'configs' / 'mask_rcnn' / 'swin_t_coco.py')
+COCO_V2 = str(REPO / 'configs' / 'mask_rcnn' / 'swinv2_t_coco.py')
 ADE_CONFIG = str(REPO / 'configs' / 'upernet' / 'swin_t_ade20k.py')
 ADE_ROOT = 'data/ade/ADEChallengeData2016'
 OFFICIAL_T = ('https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
@@ -292,6 +293,18 @@ def test_missing_pretrained_file_says_where_weights_come_from(in_tmp, no_model_b
     assert OFFICIAL_T in msg
     assert 'tools/convert_checkpoint.py' in msg
     assert '--cfg-options model.backbone.init_cfg=None' in msg
+
+
+def test_missing_swin_v2_weights_name_the_v2_release(in_tmp):
+    cfg = launch.load_config(COCO_V2)
+    with pytest.raises(PretrainedNotFoundError) as info:
+        launch.check_pretrained(cfg)
+    msg = str(info.value)
+    assert 'releases/download/v2.0.0/swinv2_tiny_patch4_window16_256.pth' in msg
+    url = launch.load_config(COCO_V2, {
+        'model.backbone.init_cfg.checkpoint': 'https://example.org/swinv2.pth'})
+    with pytest.raises(PretrainedNotFoundError, match='SwinV2Backbone never downloads'):
+        launch.check_pretrained(url)
 
 
 def test_pretrained_check_accepts_existing_files_urls_and_none(in_tmp):
