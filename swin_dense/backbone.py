@@ -26,7 +26,7 @@ from torch import Tensor
 from .arch import resolve_arch
 from .checkpoint.load import convert_state_dict_on_load
 from .layers import PatchEmbed, PatchMerging, SwinStage, build_norm, capturing_graph
-from .pyramid import SwinPyramid, check_arguments
+from .pyramid import SwinPyramid, check_arguments, init_cfg_with_pretrained
 
 #: Arguments of the official detection / segmentation repositories' ``SwinTransformer`` whose
 #: meaning is ours under another name (the other official arguments share our names).
@@ -162,15 +162,7 @@ class SwinBackbone(SwinPyramid):
             embed_dims = renamed.get('embed_dims', embed_dims)
             use_abs_pos_embed = renamed.get('use_abs_pos_embed', use_abs_pos_embed)
             with_cp = renamed.get('with_cp', with_cp)
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError('give either init_cfg or the deprecated pretrained, not both')
-            if not isinstance(pretrained, str):
-                raise TypeError(f'pretrained must be a path (str) or None, got {type(pretrained)}')
-            warnings.warn('pretrained is deprecated: use init_cfg=dict(type="Pretrained", '
-                          'checkpoint=PATH)', DeprecationWarning)
-            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(init_cfg=init_cfg_with_pretrained(init_cfg, pretrained))
         self.register_load_state_dict_pre_hook(convert_state_dict_on_load)  # any layout loads
 
         embed_dims, depths, num_heads = resolve_arch(arch, embed_dims, depths, num_heads)

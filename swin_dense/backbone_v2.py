@@ -14,7 +14,6 @@ The interface (outputs, freezing, ``output_shape()``) is :class:`~swin_dense.Swi
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,7 +26,7 @@ from .arch import int_tuple, resolve_arch
 from .checkpoint.load import convert_state_dict_on_load
 from .layers import PatchEmbed, build_norm
 from .layers_v2 import CosineWindowMSA, PatchMergingV2, SwinStageV2
-from .pyramid import SwinPyramid, check_arguments
+from .pyramid import SwinPyramid, check_arguments, init_cfg_with_pretrained
 
 
 def _per_stage(value: Union[int, Sequence[int]], name: str, num_stages: int) -> tuple[int, ...]:
@@ -103,15 +102,7 @@ class SwinV2Backbone(SwinPyramid):
                  frozen_stages: int = -1,
                  init_cfg: Optional[Union[dict, list]] = None,
                  pretrained: Optional[str] = None) -> None:
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError('give either init_cfg or the deprecated pretrained, not both')
-            if not isinstance(pretrained, str):
-                raise TypeError(f'pretrained must be a path (str) or None, got {type(pretrained)}')
-            warnings.warn('pretrained is deprecated: use init_cfg=dict(type="Pretrained", '
-                          'checkpoint=PATH)', DeprecationWarning)
-            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(init_cfg=init_cfg_with_pretrained(init_cfg, pretrained))
         self.register_load_state_dict_pre_hook(convert_state_dict_on_load)  # any layout loads
 
         embed_dims, depths, num_heads = resolve_arch(arch, embed_dims, depths, num_heads)

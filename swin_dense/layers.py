@@ -32,8 +32,8 @@ from .ops.window import (WindowLayout, merge_windows, padded_size, partition_win
                          relative_position_bias, shift_mask, tokens_from_windows, window_layout,
                          windows_from_tokens)
 
-__all__ = ['BlockStage', 'DropPath', 'FFN', 'PatchEmbed', 'PatchMerging', 'ShiftWindowMSA',
-           'ShiftedWindows', 'SwinBlock', 'SwinStage', 'WindowMSA', 'build_activation',
+__all__ = ['BlockForward', 'BlockStage', 'DropPath', 'FFN', 'PatchEmbed', 'PatchMerging',
+           'ShiftWindowMSA', 'ShiftedWindows', 'SwinBlock', 'SwinStage', 'WindowMSA', 'build_activation',
            'build_norm', 'capturing_graph', 'concat_2x2', 'concat_order', 'drop_path',
            'drop_path_scale', 'tokens_to_nchw']
 
@@ -342,7 +342,30 @@ class FFN(nn.Module):
         return self.layers(x)
 
 
-class SwinBlock(nn.Module):
+class BlockForward(nn.Module):
+    """How a Swin block (V1 or V2) runs: its ``_forward_chunked`` in CPU inference on the fast
+    path, its ``_forward`` under gradient checkpointing (``with_cp``) in training, else its
+    ``_forward``."""
+
+    with_cp: bool = False
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if cpu_fast.applies() and self._infers_in_chunks(x):
+            with torch.no_grad():
+                return self._forward_chunked(x, hw)
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: works when the input needs no grad (frozen stages
+            # before this one) and under DDP, unlike the reentrant variant.
+            return cp.checkpoint(self._forward, x, hw, use_reentrant=False)
+        return self._forward(x, hw)
+
+    def _infers_in_chunks(self, x: Tensor) -> bool:
+        """Eval on CPU with nothing to record for autograd (fast path)."""
+        return (not self.training and x.device.type == 'cpu'
+                and not cpu_fast.records_grad(x, *self.parameters()))
+
+
+class SwinBlock(BlockForward):
     """``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))`` on ``(B, H*W, C)``."""
 
     def __init__(self, embed_dims: int, num_heads: int, feedforward_channels: int,
@@ -360,16 +383,6 @@ class SwinBlock(nn.Module):
         self.norm2 = build_norm(norm_cfg, embed_dims)
         self.ffn = FFN(embed_dims, feedforward_channels, act_cfg, drop_rate, drop_path_rate)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        if cpu_fast.applies() and self._infers_in_chunks(x):
-            with torch.no_grad():
-                return self._forward_chunked(x, hw)
-        if self.with_cp and self.training and torch.is_grad_enabled():
-            # Non-reentrant checkpointing: works when the input needs no grad (frozen stages
-            # before this one) and under DDP, unlike the reentrant variant.
-            return cp.checkpoint(self._forward, x, hw, use_reentrant=False)
-        return self._forward(x, hw)
-
     def _forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         if not cpu_fast.applies():
             x = x + self.attn(self.norm1(x), hw)
@@ -380,11 +393,6 @@ class SwinBlock(nn.Module):
         # holds: the same sums, one allocation fewer each.
         x = self.attn(self.norm1(x), hw).add_(x)
         return self.ffn(self.norm2(x)).add_(x)
-
-    def _infers_in_chunks(self, x: Tensor) -> bool:
-        """Eval on CPU with nothing to record for autograd (fast path)."""
-        return (not self.training and x.device.type == 'cpu'
-                and not cpu_fast.records_grad(x, *self.parameters()))
 
     def _forward_chunked(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """Inference: the MLP over chunks of tokens (see ``cpu_fast.CHUNK_TOKENS``)."""

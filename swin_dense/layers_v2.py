@@ -22,11 +22,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .layers import (FFN, BlockStage, DropPath, ShiftedWindows, build_norm, concat_2x2,
-                     concat_order)
+from .layers import (FFN, BlockForward, BlockStage, DropPath, ShiftedWindows, build_norm,
+                     concat_2x2, concat_order)
 from .ops import cpu_fast, cpu_fast_v2
 from .ops.attention import cosine_window_attention
 from .ops.chunked_attention import even_chunks
@@ -134,7 +133,7 @@ class ShiftWindowMSAV2(ShiftedWindows):
                          window_size, shift_size)
 
 
-class SwinBlockV2(nn.Module):
+class SwinBlockV2(BlockForward):
     """Res-post-norm block on ``(B, H*W, C)``: ``x + DropPath(LN(Attn(x)))`` then
     ``x + DropPath(LN(MLP(x)))`` (no norm before the branches)."""
 
@@ -153,23 +152,9 @@ class SwinBlockV2(nn.Module):
         self.norm2 = build_norm(norm_cfg, embed_dims)
         self.drop_path = DropPath(drop_path_rate)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        if cpu_fast.applies() and self._infers_in_chunks(x):
-            with torch.no_grad():
-                return self._forward_chunked(x, hw)
-        if self.with_cp and self.training and torch.is_grad_enabled():
-            # non-reentrant, as V1: works with frozen stages before this one and under DDP
-            return cp.checkpoint(self._forward, x, hw, use_reentrant=False)
-        return self._forward(x, hw)
-
     def _forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         x = x + self.drop_path(self.norm1(self.attn.attend(x, hw)))
         return x + self.drop_path(self.norm2(self.ffn.mlp(x)))
-
-    def _infers_in_chunks(self, x: Tensor) -> bool:
-        """Eval on CPU with nothing to record for autograd (fast path)."""
-        return (not self.training and x.device.type == 'cpu'
-                and not cpu_fast.records_grad(x, *self.parameters()))
 
     def _forward_chunked(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """Inference: residuals added in place, the MLP and its norm over chunks of tokens."""

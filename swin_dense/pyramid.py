@@ -199,6 +199,20 @@ class SwinPyramid(BaseModule):
 
 
 
+def init_cfg_with_pretrained(init_cfg: Optional[dict], pretrained: Optional[str]
+                             ) -> Optional[dict]:
+    """``init_cfg``, or the deprecated ``pretrained`` path as a ``Pretrained`` init_cfg."""
+    if pretrained is None:
+        return init_cfg
+    if init_cfg is not None:
+        raise ValueError('give either init_cfg or the deprecated pretrained, not both')
+    if not isinstance(pretrained, str):
+        raise TypeError(f'pretrained must be a path (str) or None, got {type(pretrained)}')
+    warnings.warn('pretrained is deprecated: use init_cfg=dict(type="Pretrained", '
+                  'checkpoint=PATH)', DeprecationWarning)
+    return dict(type='Pretrained', checkpoint=pretrained)
+
+
 def autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
