@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import gemm
 from .attention import fold_mask
 from .chunked_attention import (ChunkGradients, attended_values, chunk_backward, chunk_probs,
                                 linear_into, window_chunks)
@@ -103,7 +104,7 @@ class _TokenWindowAttention(torch.autograd.Function):
         if has_proj_bias and need_proj_b:
             sums.add('proj_b', grad_y.sum(0))
         grad_attended = grad_y.new_empty(rows + 1, attended.shape[1])
-        torch.mm(grad_y, proj_weight, out=grad_attended[:rows])
+        gemm.mm(grad_y, proj_weight, out=grad_attended[:rows])
         grad_attended[rows] = 0.0  # the padding slots' outputs are cropped
         grad_qkv = qkv.new_empty(qkv.shape)  # row `rows` collects the padding slots' (unused)
         for wrows, wins in window_chunks(B * nW, nW, step):
@@ -115,7 +116,7 @@ class _TokenWindowAttention(torch.autograd.Function):
             del attn
             grad_qkv.index_copy_(0, slots, grad_chunk)
         grad_qkv = grad_qkv[:rows]
-        grad_x = grad_qkv.mm(qkv_weight).view(B, L, C) if need_x else None
+        grad_x = gemm.mm(grad_qkv, qkv_weight).view(B, L, C) if need_x else None
         if need_qkv_w:
             sums.addmm('qkv_w', grad_qkv.t(), x.view(rows, C))
         return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),
