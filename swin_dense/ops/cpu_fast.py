@@ -50,7 +50,8 @@ from . import gemm
 from .attention import capturing_graph, window_attention
 from .chunked_attention import (ChunkGradients, chunked_window_attention, even_chunks,
                                 fused_inference_attention, keep_probs_window_attention)
-from .token_attention import token_projections_pay, token_window_attention
+from .token_attention import (token_projections_pay, token_window_attention,
+                              token_window_inference)
 from .window import WindowLayout, relative_position_bias, relative_position_index
 
 
@@ -190,17 +191,26 @@ def _chunked(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Te
 
 def takes_tokens(x: Tensor, layout: WindowLayout, params: Sequence[Tensor], no_dropout: bool
                  ) -> bool:
-    """Whether :func:`token_window_msa` applies to the tokens ``x`` ``(B, H*W, C)``: CPU
-    training in fp32 (``no_dropout``: none active) on a map padded enough for it to pay."""
-    return (cpu_fp32(x) and records_grad(x, *params) and no_dropout
-            and token_projections_pay(layout, x.shape[-1]))
+    """Whether :func:`token_window_msa` applies to the tokens ``x`` ``(B, H*W, C)``: fp32 on
+    the CPU (``no_dropout``: none active), training or inference, on a map padded enough for
+    it to pay."""
+    if not (cpu_fp32(x) and no_dropout):
+        return False
+    inference = not records_grad(x, *params)
+    return token_projections_pay(layout, x.shape[-1], inference)
 
 
 def token_window_msa(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
                      qkv_bias: Optional[Tensor], bias: Tensor, proj_weight: Tensor,
                      proj_bias: Optional[Tensor], num_heads: int, scale: float) -> Tensor:
     """The attention of the tokens ``(B, H*W, C)`` of the map ``layout`` describes, with both
-    projections on the tokens: tokens out (see :func:`token_window_attention`)."""
+    projections on the tokens: tokens out (see :func:`token_window_attention`, and
+    :func:`token_window_inference` where autograd records nothing)."""
+    params = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
+    if not records_grad(*params):
+        return token_window_inference(x, layout, qkv_weight, qkv_bias, bias, proj_weight,
+                                      proj_bias, num_heads, scale,
+                                      chunk_rows(layout.window_size ** 2))
     return token_window_attention(x, layout, qkv_weight, qkv_bias, bias, proj_weight, proj_bias,
                                   num_heads, scale, chunk_rows(layout.window_size ** 2))
 

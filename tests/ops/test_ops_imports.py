@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / 'swin_dense'
-OPS_ORDER = ['window', 'continuous_bias', 'attention', 'gemm', 'chunked_attention', 'token_attention', 'cpu_fast']
+OPS_ORDER = ['window', 'continuous_bias', 'attention', 'gemm', 'chunked_attention',
+             'token_attention', 'cpu_fast']
 STDLIB = {'__future__', 'contextlib', 'dataclasses', 'functools', 'math', 'os', 'time', 'typing'}
 
 
