@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gemm
 from .attention import fold_mask, merge_heads
 
 #: fp32 attention probabilities below this are set to 0. A masked pair gets exp(-100) ~ 4e-44, a
@@ -220,10 +221,8 @@ def window_chunks(num_rows: int, num_windows: int, step: int):
 
 
 def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``out[:] = x @ weight^T + bias`` on 2-d views, without a temporary."""
-    if bias is None:
-        return torch.mm(x, weight.t(), out=out)
-    return torch.addmm(bias, x, weight.t(), out=out)
+    """``out[:] = x @ weight^T + bias`` on 2-d views (see :func:`gemm.linear_into`)."""
+    return gemm.linear_into(out, x, weight, bias)
 
 
 def chunk_probs(qkv: Tensor, bias: Tensor, num_heads: int, scale: float
@@ -281,7 +280,7 @@ def _chunked_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], 
     out = x.new_empty(BW, N, proj_weight.shape[0])
     for rows, wins in window_chunks(BW, num_windows, step):
         if qkv is None:
-            chunk_qkv = F.linear(x[rows], qkv_weight, qkv_bias)
+            chunk_qkv = gemm.linear(x[rows], qkv_weight, qkv_bias)
         else:
             chunk_qkv = qkv[rows]
             linear_into(chunk_qkv.view(-1, qkv.shape[-1]), x[rows].view(-1, C), qkv_weight,
@@ -327,9 +326,9 @@ class ChunkGradients:
     def addmm(self, name: str, a: Tensor, b: Tensor) -> None:
         """Add ``a @ b``, into the sum's memory when there is one."""
         if name in self._sums:
-            self._sums[name].addmm_(a, b)
+            gemm.addmm_(self._sums[name], a, b)
         else:
-            self._sums[name] = a.mm(b)
+            self._sums[name] = gemm.mm(a, b)
 
     def get(self, name: str) -> Optional[Tensor]:
         """The sum, or None when nothing was added (the gradient is not needed)."""
@@ -374,13 +373,13 @@ class _ChunkedWindowAttention(torch.autograd.Function):
             g = grad_y[rows].view(-1, grad_y.shape[-1])
             if need_proj_w:
                 sums.addmm('proj_w', g.t(), attended)
-            grad_qkv = chunk_backward(q, k, v, attn, g.mm(proj_weight), scale, sums, need_bias,
-                                       has_qkv_bias and need_qkv_b)
+            grad_qkv = chunk_backward(q, k, v, attn, gemm.mm(g, proj_weight), scale, sums,
+                                       need_bias, has_qkv_bias and need_qkv_b)
             del attn, attended
             if need_qkv_w:
                 sums.addmm('qkv_w', grad_qkv.t(), x[rows].view(-1, C))
             if need_x:
-                torch.mm(grad_qkv, qkv_weight, out=grad_x[rows].view(-1, C))
+                gemm.mm(grad_qkv, qkv_weight, out=grad_x[rows].view(-1, C))
         if has_proj_bias and need_proj_b:
             sums.add('proj_b', grad_y.view(-1, grad_y.shape[-1]).sum(0))
         return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),

@@ -20,7 +20,9 @@ padding slots. What it does, each piece under the conditions it pays in:
   recomputed (training elsewhere, any device), the GELU in place (inference, any device);
 - the block's MLP over chunks of tokens (CPU inference), and a branch that stochastic depth
   drops for the whole batch not computed at all (CPU training);
-- the token map -> NCHW copy a few rows at a time (any device).
+- the token map -> NCHW copy a few rows at a time (any device);
+- every fp32 projection and MLP product of the CPU kernels above (forward and backward) on
+  the GEMM library that is faster for its shape on this machine: :mod:`swin_dense.ops.gemm`.
 
 It never runs while a graph is captured (``torch.jit`` trace or script, ``torch.compile``,
 ``torch.export``, ONNX export): its autograd functions and caches are keyed on concrete sizes.
@@ -44,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gemm
 from .attention import capturing_graph, window_attention
 from .chunked_attention import (ChunkGradients, chunked_window_attention, even_chunks,
                                 fused_inference_attention, keep_probs_window_attention)
-from .token_attention import token_projections_pay, token_window_attention
+from .token_attention import (token_projections_pay, token_window_attention,
+                              token_window_inference)
 from .window import WindowLayout, relative_position_bias, relative_position_index
 
 
@@ -187,17 +191,26 @@ def _chunked(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], bias: Te
 
 def takes_tokens(x: Tensor, layout: WindowLayout, params: Sequence[Tensor], no_dropout: bool
                  ) -> bool:
-    """Whether :func:`token_window_msa` applies to the tokens ``x`` ``(B, H*W, C)``: CPU
-    training in fp32 (``no_dropout``: none active) on a map padded enough for it to pay."""
-    return (cpu_fp32(x) and records_grad(x, *params) and no_dropout
-            and token_projections_pay(layout, x.shape[-1]))
+    """Whether :func:`token_window_msa` applies to the tokens ``x`` ``(B, H*W, C)``: fp32 on
+    the CPU (``no_dropout``: none active), training or inference, on a map padded enough for
+    it to pay."""
+    if not (cpu_fp32(x) and no_dropout):
+        return False
+    inference = not records_grad(x, *params)
+    return token_projections_pay(layout, x.shape[-1], inference)
 
 
 def token_window_msa(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
                      qkv_bias: Optional[Tensor], bias: Tensor, proj_weight: Tensor,
                      proj_bias: Optional[Tensor], num_heads: int, scale: float) -> Tensor:
     """The attention of the tokens ``(B, H*W, C)`` of the map ``layout`` describes, with both
-    projections on the tokens: tokens out (see :func:`token_window_attention`)."""
+    projections on the tokens: tokens out (see :func:`token_window_attention`, and
+    :func:`token_window_inference` where autograd records nothing)."""
+    params = (x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias)
+    if not records_grad(*params):
+        return token_window_inference(x, layout, qkv_weight, qkv_bias, bias, proj_weight,
+                                      proj_bias, num_heads, scale,
+                                      chunk_rows(layout.window_size ** 2))
     return token_window_attention(x, layout, qkv_weight, qkv_bias, bias, proj_weight, proj_bias,
                                   num_heads, scale, chunk_rows(layout.window_size ** 2))
 
@@ -253,8 +266,8 @@ class ChunkedGeluMLP(torch.autograd.Function):
         out = u.new_empty(*x.shape[:-1], w2.shape[0])
         out_rows = out.view(rows, -1)
         for c in even_chunks(rows, chunk_rows()):
-            torch.addmm(b1, u[c], w1.t(), out=h[c])
-            torch.addmm(b2, F.gelu(h[c]), w2.t(), out=out_rows[c])
+            gemm.linear_into(h[c], u[c], w1, b1)
+            gemm.linear_into(out_rows[c], F.gelu(h[c]), w2, b2)
         ctx.save_for_backward(u, h, w1, w2)
         ctx.shape = x.shape
         return out
@@ -270,7 +283,7 @@ class ChunkedGeluMLP(torch.autograd.Function):
         for c in even_chunks(u.shape[0], chunk_rows()):
             if need_w2:
                 sums.addmm('w2', grad_out[c].t(), F.gelu(h[c]))
-            grad_h = grad_out[c].mm(w2)
+            grad_h = gemm.mm(grad_out[c], w2)
             # GELU's own backward kernel (the GELU runs outside autograd here), written in
             # place through its out= variant: one chunk buffer less
             torch.ops.aten.gelu_backward.grad_input(grad_h, h[c], grad_input=grad_h)
@@ -279,7 +292,7 @@ class ChunkedGeluMLP(torch.autograd.Function):
             if need_b1:
                 sums.add('b1', grad_h.sum(0))
             if need_u:
-                torch.mm(grad_h, w1, out=grad_rows[c])
+                gemm.mm(grad_h, w1, out=grad_rows[c])
         if need_b2:
             sums.add('b2', grad_out.sum(0))
         return grad_u, sums.get('w1'), sums.get('b1'), sums.get('w2'), sums.get('b2')
@@ -292,7 +305,7 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     recomputed; training elsewhere: the GELU recomputed in backward."""
     if not torch.is_grad_enabled():
         # aten's in-place GELU (F.gelu has no inplace argument): no second hidden-size buffer
-        return F.linear(torch.ops.aten.gelu_(F.linear(x, w1, b1)), w2, b2)
+        return gemm.linear(torch.ops.aten.gelu_(gemm.linear(x, w1, b1)), w2, b2)
     if cpu_fp32(x) and b1 is not None and b2 is not None:
         return ChunkedGeluMLP.apply(x, w1, b1, w2, b2)
     h = F.linear(x, w1, b1)

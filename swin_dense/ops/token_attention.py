@@ -1,10 +1,11 @@
 """Window attention from and to the token map with both projections on the tokens (a kernel of
 the fast path, with its own backward).
 
-For CPU training in fp32 on maps that need window padding: a padding slot is a zero token, so
-its qkv is the qkv bias and its output is cropped; projecting the tokens instead of the window
-slots saves the padding's GEMM rows, three times (forward and backward). The attention itself
-runs a chunk of windows at a time as in :mod:`swin_dense.ops.chunked_attention`.
+For fp32 on the CPU, on maps that need window padding: a padding slot is a zero token, so its
+qkv is the qkv bias and its output is cropped; projecting the tokens instead of the window
+slots saves the padding's GEMM rows (in training three times: forward and backward; in
+inference once, :func:`token_window_inference`). The attention itself runs a chunk of windows
+at a time as in :mod:`swin_dense.ops.chunked_attention`.
 
 Shapes: ``B`` images of ``L = H * W`` tokens, ``nW`` windows of ``N = M * M`` slots each,
 ``C`` channels.
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import gemm
 from .attention import fold_mask
 from .chunked_attention import (ChunkGradients, attended_values, chunk_backward, chunk_probs,
                                 linear_into, window_chunks)
@@ -30,12 +32,20 @@ from .window import WindowLayout, batch_rows
 TOKEN_PROJECTIONS_MIN_PAD_CHANNELS = 20
 
 
-def token_projections_pay(layout: WindowLayout, channels: int) -> bool:
-    """Whether :func:`token_window_attention` saves time over projecting on the windows."""
+#: The same threshold for inference (:func:`token_window_inference`), where the projections
+#: run once instead of three times but the token path's extra copies (the qkv rows of every
+#: slot gathered per chunk) are the same.
+INFERENCE_MIN_PAD_CHANNELS = 20
+
+
+def token_projections_pay(layout: WindowLayout, channels: int, inference: bool = False) -> bool:
+    """Whether :func:`token_window_attention` (``inference``: :func:`token_window_inference`)
+    saves time over projecting on the windows."""
     if layout.pad_slots is None:
         return False
     slots = layout.num_windows * layout.window_size ** 2
-    return layout.pad_slots.numel() * channels >= TOKEN_PROJECTIONS_MIN_PAD_CHANNELS * slots
+    threshold = INFERENCE_MIN_PAD_CHANNELS if inference else TOKEN_PROJECTIONS_MIN_PAD_CHANNELS
+    return layout.pad_slots.numel() * channels >= threshold * slots
 
 
 def _slot_rows(layout: WindowLayout, batch: int, num_tokens: int) -> Tensor:
@@ -103,7 +113,7 @@ class _TokenWindowAttention(torch.autograd.Function):
         if has_proj_bias and need_proj_b:
             sums.add('proj_b', grad_y.sum(0))
         grad_attended = grad_y.new_empty(rows + 1, attended.shape[1])
-        torch.mm(grad_y, proj_weight, out=grad_attended[:rows])
+        gemm.mm(grad_y, proj_weight, out=grad_attended[:rows])
         grad_attended[rows] = 0.0  # the padding slots' outputs are cropped
         grad_qkv = qkv.new_empty(qkv.shape)  # row `rows` collects the padding slots' (unused)
         for wrows, wins in window_chunks(B * nW, nW, step):
@@ -115,7 +125,7 @@ class _TokenWindowAttention(torch.autograd.Function):
             del attn
             grad_qkv.index_copy_(0, slots, grad_chunk)
         grad_qkv = grad_qkv[:rows]
-        grad_x = grad_qkv.mm(qkv_weight).view(B, L, C) if need_x else None
+        grad_x = gemm.mm(grad_qkv, qkv_weight).view(B, L, C) if need_x else None
         if need_qkv_w:
             sums.addmm('qkv_w', grad_qkv.t(), x.view(rows, C))
         return (grad_x, sums.get('qkv_w'), sums.get('qkv_b'), sums.get('bias'),
@@ -141,3 +151,34 @@ def token_window_attention(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
     x, bias = x.contiguous(), bias.to(x.dtype)
     return _TokenWindowAttention.apply(x, qkv_weight, qkv_bias, bias, proj_weight, proj_bias,
                                        layout, num_heads, scale, chunk_windows)
+
+
+def token_window_inference(x: Tensor, layout: WindowLayout, qkv_weight: Tensor,
+                           qkv_bias: Optional[Tensor], bias: Tensor, proj_weight: Tensor,
+                           proj_bias: Optional[Tensor], num_heads: int, scale: float,
+                           chunk_windows: int) -> Tensor:
+    """Inference form of :func:`token_window_attention` (nothing recorded for autograd).
+
+    Each chunk of windows projects the tokens of its real slots only, places their qkv in its
+    window slots and fills the padding slots' with the qkv bias (the projection of a zero
+    token), attends, and scatters the real slots' attended values back to the token rows; the
+    output projection runs on the tokens. Every qkv buffer is chunk-sized. ``(B, H*W, C)`` in
+    and out; arguments as there."""
+    B, L, C = x.shape
+    rows, N, nW = B * L, layout.window_size ** 2, layout.num_windows
+    x, bias = x.contiguous().view(rows, C), bias.to(x.dtype)
+    index = _slot_rows(layout, B, L)
+    fill = 0.0 if qkv_bias is None else qkv_bias.to(x.dtype)
+    attended = x.new_empty(rows + 1, qkv_weight.shape[0] // 3)
+    for wrows, wins in window_chunks(B * nW, nW, chunk_windows):
+        slots = index[wrows.start * N:wrows.stop * N]
+        is_pad = slots == rows
+        real = (~is_pad).nonzero().view(-1)
+        chunk = x.new_empty(slots.numel(), qkv_weight.shape[0])
+        chunk.index_copy_(0, real, gemm.linear(x.index_select(0, slots[real]), qkv_weight,
+                                               qkv_bias))
+        chunk[is_pad] = fill
+        attended.index_copy_(0, slots, attended_values(
+            chunk.view(-1, N, chunk.shape[1]), fold_mask(bias, layout.mask, wins), num_heads,
+            scale))
+    return gemm.linear(attended[:rows], proj_weight, proj_bias).view(B, L, -1)

@@ -12,7 +12,8 @@ from swin_dense.ops.chunked_attention import (PROB_FLOOR, _attention_probs,
                                               chunked_window_attention, even_chunks,
                                               fused_inference_attention,
                                               keep_probs_window_attention)
-from swin_dense.ops.token_attention import token_projections_pay, token_window_attention
+from swin_dense.ops.token_attention import (token_projections_pay, token_window_attention,
+                                            token_window_inference)
 from swin_dense.ops.window import MASK_VALUE, window_layout
 from test_window import official_merge, official_windows
 
@@ -139,6 +140,16 @@ def test_token_window_attention_equals_the_windowed_formula(shift, batch, chunk)
                                                   d ** -0.5, folded, layout.num_windows),
                                   proj_weight, proj_bias), H, W, M, shift)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # inference: each chunk projects its real slots' tokens only
+        torch.testing.assert_close(token_window_inference(
+            x, layout, qkv_weight, qkv_bias, bias, proj_weight, proj_bias, h, d ** -0.5, chunk),
+            ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(token_window_inference(
+            x, layout, qkv_weight, None, bias, proj_weight, proj_bias, h, d ** -0.5, chunk),
+            official_merge(F.linear(plain_attention(F.linear(windows, qkv_weight), h,
+                                                    d ** -0.5, folded, layout.num_windows),
+                                    proj_weight, proj_bias), H, W, M, shift),
+            rtol=1e-10, atol=1e-12)
     grad_out = torch.randn(ref.shape, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(ours, inputs, grad_out),
                     torch.autograd.grad(ref, inputs, grad_out)):

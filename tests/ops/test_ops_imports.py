@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / 'swin_dense'
-OPS_ORDER = ['window', 'continuous_bias', 'attention', 'chunked_attention', 'token_attention', 'cpu_fast']
-STDLIB = {'__future__', 'contextlib', 'dataclasses', 'functools', 'math', 'os', 'typing'}
+OPS_ORDER = ['window', 'continuous_bias', 'attention', 'gemm', 'chunked_attention',
+             'token_attention', 'cpu_fast']
+STDLIB = {'__future__', 'contextlib', 'dataclasses', 'functools', 'math', 'os', 'time', 'typing'}
 
 
 def imports(path: Path) -> tuple[set[str], set[str]]:
