@@ -204,7 +204,7 @@ def main(args: argparse.Namespace, argv: Optional[list[str]], tool: SimpleNamesp
     results = report.header(args, argv, machine_record(args.device, args.label), torch_build(),
                             tool.gemm_gflops(args.device), 'float32')
     results.update(method=method_text(args), peer='mmpretrain SwinTransformerV2',
-                   peer_kwargs={k: v for k, v in peer_kwargs(args.arch).items()},
+                   peer_kwargs=peer_kwargs(args.arch),
                    load_average=list(os.getloadavg()), in_process=False)
     for line in header_lines(results['machine'], results['torch_build'], results['threads']):
         print(line)

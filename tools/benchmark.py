@@ -410,7 +410,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error('--onnx times the CPU execution provider in fp32: drop --device cuda / '
                      '--amp, or --onnx')
     if args.onnx is None:
-        args.onnx = (not args.arch.startswith('v2-') and onnx_rows.available() and args.device == 'cpu' and not args.amp)
+        args.onnx = (onnx_rows.available() and args.device == 'cpu' and not args.amp
+                     and args.arch not in V2_ARCHS)
     args.onnx = args.onnx and 'infer' in args.modes
     return args
 
