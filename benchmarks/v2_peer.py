@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -170,8 +171,8 @@ def method_text(args: argparse.Namespace) -> str:
 
 
 def default_path(results: dict) -> Path:
-    device = results['machine']['label'].lower().replace(' ', '-') or 'machine'
-    return RESULTS_DIR / (f"{results['date']}_{device}_fp32_{results['arch']}_"
+    device = re.sub(r'[^a-z0-9]+', '-', results['machine']['label'].lower()).strip('-')
+    return RESULTS_DIR / (f"{results['date']}_{device or 'machine'}_fp32_{results['arch']}_"
                           f"{results['commit']}.json")
 
 

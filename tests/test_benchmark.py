@@ -441,6 +441,14 @@ def test_v2_relative_error_and_row_summary():
     assert row['mmpretrain_s_range'] == [1.0, 3.0] and row['ours_s_range'] == [0.5, 2.0]
 
 
+def test_v2_results_go_to_their_own_folder_that_render_does_not_read():
+    results = dict(date='2027-01-02', arch='v2-tiny', commit='abc1234',
+                   machine=dict(label='EPYC 9654 (AVX-512)'))
+    path = v2_peer.default_path(results)
+    assert path.parent == REPO / 'benchmarks' / 'results' / 'v2'
+    assert path.name == '2027-01-02_epyc-9654-avx-512_fp32_v2-tiny_abc1234.json'
+
+
 def test_v2_randomise_moves_every_parameter():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     model.register_parameter('logit_scale', torch.nn.Parameter(torch.zeros(2, 1, 1)))
