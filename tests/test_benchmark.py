@@ -389,3 +389,96 @@ def test_the_new_fields_are_rendered():
     assert '| 200 (190-250) | 100 (100-110) | 2.00x | 150 (140-160) | 8.0% | 50.0 (50%) |' in text
     assert 'Method: separate processes.' in text
     assert 'CPU kernels AVX2' in text and 'onnxruntime 1.32.0 with 2 intra-op threads' in text
+
+
+# =====================================================================================
+# Swin V2 against mmpretrain (benchmarks/v2_peer.py)
+# =====================================================================================
+from benchmarks import v2_peer  # noqa: E402
+
+
+def _peer_python():
+    """A python where mmpretrain's SwinTransformerV2 imports: $SWIN_DENSE_PEER_PYTHON, the
+    environment tools/peer_env.sh builds in .peer-venv, or this one; None where none does."""
+    import os
+    import subprocess
+    candidates = [os.environ.get('SWIN_DENSE_PEER_PYTHON'),
+                  str(REPO / '.peer-venv' / 'bin' / 'python'), sys.executable]
+    for python in filter(None, candidates):
+        if Path(python).exists() and subprocess.run(
+                [python, '-c', 'from mmpretrain.models.backbones import SwinTransformerV2'],
+                capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def test_v2_archs_are_choices_of_the_tool_and_map_to_both_models():
+    assert set(v2_peer.V2_ARCHS) <= set(benchmark.ARCHS)
+    assert v2_peer.base_arch('v2-tiny') == 'tiny'
+    with pytest.raises(ValueError, match='v2-tiny'):
+        v2_peer.base_arch('tiny')
+    peer, ours = v2_peer.peer_kwargs('v2-tiny'), v2_peer.our_kwargs('v2-tiny')
+    assert peer['pad_small_map'] is True and peer['drop_path_rate'] == 0
+    assert list(peer['window_size']) == list(ours['window_size']) == [16, 16, 16, 8]
+    assert tuple(peer['out_indices']) == tuple(ours['out_indices']) == (0, 1, 2, 3)
+    assert ours['arch'] == peer['arch'] == 'tiny'
+    test_peer = v2_peer.peer_kwargs('v2-test')['arch']
+    assert test_peer['embed_dims'] == v2_peer.our_kwargs('v2-test')['embed_dims']
+
+
+def test_v2_relative_error_and_row_summary():
+    a = [torch.ones(1, 2, 3, 3), torch.full((1, 4, 2, 2), 2.0)]
+    b = [t.clone() for t in a]
+    assert v2_peer.max_relative_error(a, b) == 0
+    b[1][0, 0, 0, 0] += 0.5  # |diff| 0.5 over max|peer| 2.5
+    assert v2_peer.max_relative_error(a, b) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match='shape'):
+        v2_peer.max_relative_error(a, [b[0], b[1][:, :2]])
+    with pytest.raises(ValueError, match='outputs'):
+        v2_peer.max_relative_error(a, b[:1])
+    row = v2_peer.summarise({'mmpretrain': [3.0, 1.0, 2.0], 'ours': [1.0, 2.0, 0.5]})
+    assert row['mmpretrain_s'] == 2.0 and row['ours_s'] == 1.0 and row['speedup'] == 2.0
+    assert row['mmpretrain_s_range'] == [1.0, 3.0] and row['ours_s_range'] == [0.5, 2.0]
+
+
+def test_v2_results_go_to_their_own_folder_that_render_does_not_read():
+    results = dict(date='2027-01-02', arch='v2-tiny', commit='abc1234',
+                   machine=dict(label='EPYC 9654 (AVX-512)'))
+    path = v2_peer.default_path(results)
+    assert path.parent == REPO / 'benchmarks' / 'results' / 'v2'
+    assert path.name == '2027-01-02_epyc-9654-avx-512_fp32_v2-tiny_abc1234.json'
+
+
+def test_v2_randomise_moves_every_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model.register_parameter('logit_scale', torch.nn.Parameter(torch.zeros(2, 1, 1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    v2_peer.randomise_(model)
+    for name, value in model.state_dict().items():
+        assert not torch.allclose(value, before[name]), name
+    assert (model[1].weight - 1).abs().max() < 0.5  # norm weights stay near 1
+
+
+def test_v2_bad_options_are_clear_errors():
+    args = benchmark.parse_args(['--arch', 'v2-test', '--in-process'])
+    with pytest.raises(SystemExit, match='separate processes'):
+        v2_peer.main(args, [], None)
+
+
+def test_v2_tiny_runs_end_to_end_where_mmpretrain_imports(tmp_path):
+    python = _peer_python()
+    if python is None:
+        pytest.skip('mmpretrain does not import here (tools/peer_env.sh builds an environment '
+                    'where it does, or set SWIN_DENSE_PEER_PYTHON)')
+    out = tmp_path / 'v2.json'
+    log = run_to_end([python, str(TOOL), '--arch', 'v2-test', '--cases', '40x56 b1',
+                      '--rounds', '1', '--repeats', '1', '--warmup', '0', '--no-memory',
+                      '--json', str(out)], cwd=tmp_path, timeout=900)
+    data = json.loads(out.read_text())
+    assert data['arch'] == 'v2-test' and len(data['load_average']) == 3
+    assert data['machine']['cpu'] and 'separate processes' in data['method']
+    assert {(r['case'], r['mode']) for r in data['cases']} == {('40x56 b1', 'infer'),
+                                                                ('40x56 b1', 'train')}
+    for row in data['cases']:
+        assert row['max_rel_error'] <= 1e-5, log[-2000:]
+        assert row['speedup'] == pytest.approx(row['mmpretrain_s'] / row['ours_s'])

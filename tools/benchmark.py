@@ -55,13 +55,14 @@ from benchmarks import onnx_rows  # noqa: E402
 from benchmarks.machine import machine_record, torch_build  # noqa: E402
 from benchmarks.memory import cuda_peak_growth_mib, peak_memory_in_this_process  # noqa: E402
 from benchmarks.padding import backbone_flops  # noqa: E402
+from benchmarks.v2_peer import V2_ARCHS  # noqa: E402
 
 # The cases, plus 1024^2 for the scaling ratio; any 'HxW bN' may be given.
 DEFAULT_CASES = ('224x224 b8', '512x512 b1', '800x1344 b1', '1024x1024 b1')
 CASE_FORMAT = re.compile(r'^(\d+)x(\d+) b(\d+)$')
 #: A narrow Swin for the benchmark's own tests (seconds per run instead of minutes).
 TEST_ARCH = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
-ARCHS = ('tiny', 'small', 'base', 'large', 'test')
+ARCHS = ('tiny', 'small', 'base', 'large', 'test') + V2_ARCHS
 IMPLS = ('mmdet', 'ours')
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 PRECISION = {None: 'fp32', 'fp16': 'fp16', 'bf16': 'bf16'}
@@ -366,7 +367,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None,
                         help='autocast dtype (the GEMM rate and the bound are then in it)')
     parser.add_argument('--arch', default='tiny', choices=ARCHS,
-                        help="Swin variant ('test': a narrow model for the tool's own tests)")
+                        help="Swin variant ('test': a narrow model for the tool's own tests); "
+                             "'v2-*': SwinV2Backbone against mmpretrain's SwinTransformerV2 "
+                             "(run with a python where mmpretrain imports, see "
+                             "docs/performance.md)")
     parser.add_argument('--rounds', type=int, default=3,
                         help='processes per implementation, case and mode (alternated)')
     parser.add_argument('--repeats', type=int, default=7, help='timed steps per process')
@@ -414,7 +418,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error('--onnx times the CPU execution provider in fp32: drop --device cuda / '
                      '--amp, or --onnx')
     if args.onnx is None:
-        args.onnx = (onnx_rows.available() and args.device == 'cpu' and not args.amp)
+        args.onnx = (onnx_rows.available() and args.device == 'cpu' and not args.amp
+                     and args.arch not in V2_ARCHS)
     args.onnx = args.onnx and 'infer' in args.modes
     return args
 
@@ -425,6 +430,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.arch in V2_ARCHS:
+        from types import SimpleNamespace
+
+        from benchmarks import v2_peer
+        return v2_peer.main(args, argv, SimpleNamespace(
+            case_input=case_input, parse_case=parse_case, step_fn=step_fn, run_child=run_child,
+            time_interleaved=time_interleaved, gemm_gflops=gemm_gflops))
     if args.child:
         memory_child(args)
         return {}
