@@ -190,8 +190,8 @@ def fused_inference_attention(qkv: Tensor, bias: Tensor, proj_weight: Tensor,
     """Inference: the attention in the fused kernel, then the output projection; arguments as
     in :func:`keep_probs_window_attention` (nothing recorded for autograd)."""
     BW, N, _ = qkv.shape
-    return F.linear(attended_values(qkv, bias.to(qkv.dtype), num_heads, scale).view(BW, N, -1),
-                    proj_weight, proj_bias)
+    values = attended_values(qkv, bias.to(qkv.dtype), num_heads, scale).view(BW, N, -1)
+    return gemm.linear(values, proj_weight, proj_bias)
 
 
 def even_chunks(total: int, step: int) -> Iterator[slice]:

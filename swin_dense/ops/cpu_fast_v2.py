@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gemm
 from .attention import (cosine_heads, cosine_window_attention, logit_scale_factor,
                         merge_heads, norm_eps)
 from .chunked_attention import fused_inference_attention
@@ -127,7 +128,7 @@ def cosine_window_msa(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor],
     Inference on the CPU: in place and in the fused kernel; fp32 CPU training: the attention
     keeping its probabilities; otherwise the plain formula.
     """
-    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = gemm.linear(x, qkv_weight, qkv_bias)  # PyTorch's own op wherever autograd records
     if dropout_p == 0.0 and cpu_fp32(qkv) and records_grad(qkv, bias, logit_scale):
         q, k, v = cosine_heads(qkv, num_heads, logit_scale)
         return F.linear(_KeptProbsAttention.apply(q, k, v, bias, mask), proj_weight, proj_bias)

@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / 'swin_dense'
 OPS_ORDER = ['window', 'continuous_bias', 'attention', 'gemm', 'chunked_attention',
-             'token_attention', 'cpu_fast']
+             'token_attention', 'cpu_fast', 'cpu_fast_v2']
 STDLIB = {'__future__', 'contextlib', 'dataclasses', 'functools', 'math', 'os', 'time', 'typing'}
 
 
