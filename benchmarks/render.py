@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+if __package__ in (None, ''):  # run as a script: benchmarks/ is not a package on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.v2_tables import V2SchemaError, load_v2_results, render_v2  # noqa: E402
+
 SCHEMA_VERSION = 1
 MODES = {'infer': 'inference', 'train': 'train step'}
 AMPS = (None, 'fp16', 'bf16')
@@ -469,11 +473,13 @@ def render_summary(results: list[Result]) -> str:
     return '\n'.join(lines)
 
 
-#: target file (relative to the repository root) -> (block name, renderer)
+#: target file (relative to the repository root) -> (block name, renderer) of the V1 results;
+#: docs/performance.md also gets the Swin V2 block (benchmarks/v2_tables.py)
 TARGETS: dict[str, tuple[str, Callable[[list[Result]], str]]] = {
     'README.md': ('summary', render_summary),
     'docs/performance.md': ('tables', render_tables),
 }
+V2_TARGET = ('docs/performance.md', 'v2')
 
 
 def replace_block(text: str, name: str, body: str, where: str) -> str:
@@ -490,7 +496,8 @@ def replace_block(text: str, name: str, body: str, where: str) -> str:
 
 def render_all(root: Path, results_dir: Optional[Path] = None) -> dict[Path, tuple[str, str]]:
     """``{target path: (current text, rendered text)}`` for every target file under ``root``."""
-    results = load_results(results_dir or root / 'benchmarks' / 'results')
+    results_dir = results_dir or root / 'benchmarks' / 'results'
+    results = load_results(results_dir)
     out = {}
     for rel, (name, renderer) in TARGETS.items():
         path = root / rel
@@ -498,7 +505,11 @@ def render_all(root: Path, results_dir: Optional[Path] = None) -> dict[Path, tup
             raise MarkerError(f'{path}: target file not found (run from the repository, or pass '
                               '--root)')
         text = path.read_text(encoding='utf-8')
-        out[path] = (text, replace_block(text, name, renderer(results), str(path)))
+        new = replace_block(text, name, renderer(results), str(path))
+        if rel == V2_TARGET[0] and f'<!-- results:{V2_TARGET[1]}:begin -->' in text:
+            new = replace_block(new, V2_TARGET[1], render_v2(load_v2_results(results_dir / 'v2')),
+                                str(path))
+        out[path] = (text, new)
     return out
 
 
@@ -513,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         rendered = render_all(args.root, args.results)
-    except (SchemaError, MarkerError) as e:
+    except (SchemaError, MarkerError, V2SchemaError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     stale = [path for path, (old, new) in rendered.items() if old != new]

@@ -185,3 +185,38 @@ def test_ratios_follow_the_figures_when_not_given():
     first = checked['cases'][0]
     assert first['speedup'] == pytest.approx(first['mmdet_s'] / first['ours_s'])
     assert first['memory_ratio'] == pytest.approx(first['ours_mib'] / first['mmdet_mib'])
+
+
+# ---------------------------------------------------------------- Swin V2 (results/v2/)
+
+def _v2_file(directory: Path, speedup: float = 2.0) -> Path:
+    data = {'date': '2026-12-02', 'commit': 'abc1234', 'command': 'python tools/benchmark.py '
+            '--arch v2-tiny', 'machine': {'cpu': 'test CPU'}, 'torch': '2.14.1', 'threads': 2,
+            'arch': 'v2-tiny', 'load_average': [0.5, 0.4, 0.3], 'load_average_after': [0.6, 0.4, 0.3],
+            'cases': [{'case': '512x512 b1', 'mode': 'infer', 'mmpretrain_s': 0.2, 'ours_s': 0.1,
+                       'mmpretrain_s_range': [0.19, 0.21], 'ours_s_range': [0.1, 0.1],
+                       'speedup': speedup, 'max_rel_error': 1.1e-6}]}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / '2026-12-02_cpu_fp32_v2-tiny_abc1234.json'
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_v2_results_render_into_their_block(repo_copy):
+    v2 = repo_copy / 'benchmarks' / 'results' / 'v2'
+    shutil.rmtree(v2, ignore_errors=True)
+    _v2_file(v2)
+    assert render.main(['--root', str(repo_copy)]) == 0
+    text = (repo_copy / 'docs' / 'performance.md').read_text()
+    block = text.split('<!-- results:v2:begin -->')[1].split('<!-- results:v2:end -->')[0]
+    assert '### Swin V2-T, CPU fp32 (2026-12-02, commit `abc1234`)' in block
+    assert '| 512x512 b1 | inference | 200 (190-210) | 100 | 2.00x | 1.1e-06 |' in block
+    assert 'load average (1/5/15 min) 0.5/0.4/0.3 before' in block
+
+
+def test_a_v2_speedup_that_contradicts_its_times_is_an_error(repo_copy, capsys):
+    v2 = repo_copy / 'benchmarks' / 'results' / 'v2'
+    shutil.rmtree(v2, ignore_errors=True)
+    _v2_file(v2, speedup=3.0)
+    assert render.main(['--root', str(repo_copy)]) == 2
+    assert 'mmpretrain_s / ours_s' in capsys.readouterr().err
