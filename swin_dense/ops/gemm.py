@@ -105,18 +105,21 @@ def _key(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple:
             _transposed(weight), bias is not None, torch.get_num_threads())
 
 
-def _layout(rows: int, cols: int, transposed: bool) -> Tensor:
+def _layout(rows: int, cols: int, transposed: bool, generator: torch.Generator) -> Tensor:
     if transposed:
-        return torch.randn(cols, rows).t()
-    return torch.randn(rows, cols)
+        return torch.randn(cols, rows, generator=generator).t()
+    return torch.randn(rows, cols, generator=generator)
 
 
 def _calibrate(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether oneDNN computes ``x @ weight.T + bias`` of these shapes and layouts faster."""
     rows = min(x.shape[0], CALIBRATION_MAX_ROWS)
-    a = _layout(rows, x.shape[1], _transposed(x))
-    w = _layout(weight.shape[0], weight.shape[1], _transposed(weight))
-    b = None if bias is None else torch.randn(weight.shape[0])
+    # a generator of its own: the global one's draws (dropout, stochastic depth) stay as they
+    # would be without the calibration
+    generator = torch.Generator().manual_seed(0)
+    a = _layout(rows, x.shape[1], _transposed(x), generator)
+    w = _layout(weight.shape[0], weight.shape[1], _transposed(weight), generator)
+    b = None if bias is None else torch.randn(weight.shape[0], generator=generator)
     runs = {'torch': lambda: F.linear(a, w, b), 'onednn': lambda: _onednn_linear(a, w, b)}
     best = {name: float('inf') for name in runs}
     for name, run in runs.items():  # untimed: oneDNN builds its kernel for the shape here

@@ -120,3 +120,19 @@ def test_fast_kernels_in_fp32_on_each_library_match_float64_autograd(mode):
                                            atol=1e-5 * b.abs().max().item())
     finally:
         gemm.set_mode(None)
+
+
+def test_measuring_a_shape_leaves_the_global_random_state_alone():
+    """Stochastic depth and dropout draw from the global generator: the first product of a shape
+    (which measures both libraries) must not shift their draws."""
+    gemm.set_mode('auto')
+    try:
+        x, w = torch.randn(300, 40), torch.randn(56, 40)
+        torch.manual_seed(7)
+        expected = torch.rand(5)
+        torch.manual_seed(7)
+        gemm.linear(x, w)
+        assert len(gemm.choices()) == 1
+        assert torch.equal(torch.rand(5), expected)  # the same generator state: the same draws
+    finally:
+        gemm.set_mode(None)
