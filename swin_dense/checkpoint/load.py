@@ -17,7 +17,8 @@ grid when the grid differs.
 
 Swin V2 models (a SwinV2Backbone, recognised by its attributes and parameter names) take the
 same entry points: the V2 layouts are detected, mapped and their coordinate tables fitted by
-:mod:`.formats_v2` and :mod:`.load_v2`.
+:mod:`.formats_v2` and :mod:`.load_v2`. Both versions check the mapped tensors against the model
+with the one loop of :mod:`.conversion`; V1's resizing is the :class:`_Resize` fitting here.
 
 Nothing here imports the backbone: the model is always given, and read through its state dict
 and a few attributes (``embed_dims``, ``depths``, ``num_heads``, ``window_size``,
@@ -39,9 +40,9 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from ..arch import ARCH_SETTINGS
-from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, REASON_OUTPUT_NORM, Unwrapped,
-                      detect_layout, refine_format, unwrap)
+from .conversion import Fitting, convert_mapped, with_variant_name
+from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, Unwrapped, detect_layout,
+                      refine_format, unwrap)
 from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
 from .io import read_checkpoint
 from .load_v2 import convert_v2, infer_arch_v2, is_v2_model, kept_tables
@@ -87,14 +88,6 @@ def resize_absolute_pos_embed(pos: Tensor, src_grid: tuple, dst_grid: tuple) -> 
 # =====================================================================================
 # Architecture of a (mapped) state dict, and of a model
 # =====================================================================================
-def _variant_name(arch: Mapping) -> Optional[str]:
-    for name, setting in ARCH_SETTINGS.items():
-        if (setting['embed_dims'], tuple(setting['depths']), tuple(setting['num_heads'])) == \
-                (arch['embed_dims'], arch['depths'], arch['num_heads']):
-            return name
-    return None
-
-
 def infer_arch(state: Mapping[str, Tensor]) -> dict:
     """SwinBackbone keyword arguments that fit a state dict in our layout.
 
@@ -137,20 +130,14 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict:
     if pos is not None:
         side = math.isqrt(pos.shape[1])
         arch['pretrain_img_size'] = side * int(patch)
-    name = _variant_name(arch)
-    if name is not None:
-        arch['arch'] = name
-    return arch
+    return with_variant_name(arch)
 
 
 def _model_arch(model: nn.Module) -> Optional[dict]:
     if all(hasattr(model, a) for a in ('embed_dims', 'depths', 'num_heads', 'window_size')):
-        arch = dict(embed_dims=model.embed_dims, depths=tuple(model.depths),
-                    num_heads=tuple(model.num_heads), window_size=model.window_size)
-        name = _variant_name(arch)
-        if name is not None:
-            arch['arch'] = name
-        return arch
+        return with_variant_name(dict(embed_dims=model.embed_dims, depths=tuple(model.depths),
+                                      num_heads=tuple(model.num_heads),
+                                      window_size=model.window_size))
     return None
 
 
@@ -165,86 +152,51 @@ def _model_grid(model: nn.Module, length: int) -> tuple:
 # =====================================================================================
 # Conversion (pure: reads the model, never changes it)
 # =====================================================================================
-def _fit(key: str, value: Tensor, target: Tensor, pos_grid: Optional[tuple], model: nn.Module,
-         report: LoadReport) -> Tensor:
-    """``value`` resized to ``target``'s shape where a resize is defined (else unchanged)."""
-    if key.endswith('relative_position_bias_table') and value.dim() == 2 \
-            and value.shape[1] == target.shape[1] \
-            and math.isqrt(value.shape[0]) ** 2 == value.shape[0] \
-            and math.isqrt(target.shape[0]) ** 2 == target.shape[0]:
-        m1 = (math.isqrt(value.shape[0]) + 1) // 2
-        m2 = (math.isqrt(target.shape[0]) + 1) // 2
-        new = resize_relative_position_bias_table(value, m2)
-        report.resized[key] = (f'{tuple(value.shape)} -> {tuple(new.shape)}, '
-                               f'window {m1} -> {m2}, bicubic per head')
-        return new
-    if key == 'absolute_pos_embed' and value.dim() == 3 and target.dim() == 3 \
-            and value.shape[2] == target.shape[2]:
-        src_grid = pos_grid or (math.isqrt(value.shape[1]),) * 2
-        dst_grid = _model_grid(model, target.shape[1])
-        if src_grid[0] * src_grid[1] == value.shape[1] and \
-                dst_grid[0] * dst_grid[1] == target.shape[1]:
-            report.resized[key] = f'grid {tuple(src_grid)} -> {tuple(dst_grid)}, bicubic'
-            return resize_absolute_pos_embed(value, src_grid, dst_grid)
-    return value
+class _Resize(Fitting):
+    """V1: relative-position tables and the absolute position embedding resized to the model."""
 
+    def __init__(self, model: nn.Module, pos_grid: Optional[tuple]):
+        super().__init__(model)
+        self.pos_grid = pos_grid
 
-def _unused_reason(key: str, model: nn.Module) -> str:
-    """Why a mapped tensor the model has no place for is left out."""
-    if re.match(r'^norm\d+\.', key):
-        return (f'per-output norm of an output this model does not produce '
-                f'(out_indices={getattr(model, "out_indices", None)})')
-    if key == 'absolute_pos_embed':
-        return 'absolute position embedding; the model has use_abs_pos_embed=False'
-    if key.startswith(('stages.', 'patch_embed.')):
-        return 'backbone tensor the model lacks (different depths?)'
-    return 'not a tensor of this model'
+    def unused(self, key: str) -> str:
+        if key == 'absolute_pos_embed':
+            return 'absolute position embedding; the model has use_abs_pos_embed=False'
+        return super().unused(key)
+
+    def fit(self, key: str, src: str, value: Tensor, target: Tensor,
+            report: LoadReport) -> Tensor:
+        """``value`` resized to ``target``'s shape where a resize is defined (else unchanged)."""
+        if value.shape == target.shape:
+            return value
+        if key.endswith('relative_position_bias_table') and value.dim() == 2 \
+                and value.shape[1] == target.shape[1] \
+                and math.isqrt(value.shape[0]) ** 2 == value.shape[0] \
+                and math.isqrt(target.shape[0]) ** 2 == target.shape[0]:
+            m1 = (math.isqrt(value.shape[0]) + 1) // 2
+            m2 = (math.isqrt(target.shape[0]) + 1) // 2
+            new = resize_relative_position_bias_table(value, m2)
+            report.resized[key] = (f'{tuple(value.shape)} -> {tuple(new.shape)}, '
+                                   f'window {m1} -> {m2}, bicubic per head')
+            return new
+        if key == 'absolute_pos_embed' and value.dim() == 3 and target.dim() == 3 \
+                and value.shape[2] == target.shape[2]:
+            src_grid = self.pos_grid or (math.isqrt(value.shape[1]),) * 2
+            dst_grid = _model_grid(self.model, target.shape[1])
+            if src_grid[0] * src_grid[1] == value.shape[1] and \
+                    dst_grid[0] * dst_grid[1] == target.shape[1]:
+                report.resized[key] = f'grid {tuple(src_grid)} -> {tuple(dst_grid)}, bicubic'
+                return resize_absolute_pos_embed(value, src_grid, dst_grid)
+        return value
 
 
 def _convert(unwrapped: Unwrapped, fmt: str, model: nn.Module, source: str
              ) -> tuple['OrderedDict[str, Tensor]', LoadReport, dict]:
     """Map, resize and check shapes; returns (our state, report, our key -> source key)."""
     mapped = MAPPERS[fmt](unwrapped.state)
-    report = LoadReport(source=str(source), format=fmt, notes=list(unwrapped.notes),
-                        unused=dict(unwrapped.unused), converted=dict(mapped.converted))
-    report.unused.update(mapped.unused)
-    try:
-        report.checkpoint_arch = infer_arch(mapped.tensors)
-    except ValueError:
-        report.checkpoint_arch = None
-    report.model_arch = _model_arch(model)
-
-    targets = OrderedDict((k, v) for k, v in model.state_dict().items()
-                          if k.rsplit('.', 1)[-1] not in BUFFER_NAMES)
-    report.total = len(targets)
-    result = OrderedDict()
-    for key, value in mapped.tensors.items():
-        src = mapped.origin[key]
-        if key not in targets:
-            report.unused[src] = _unused_reason(key, model)
-            if key.startswith(('stages.', 'patch_embed.')):
-                report.unexpected.append(key)
-            report.converted.pop(key, None)
-            continue
-        target = targets[key]
-        if value.shape != target.shape:
-            value = _fit(key, value, target, mapped.pos_grid, model, report)
-        if value.shape != target.shape:
-            report.mismatched[key] = (tuple(value.shape), tuple(target.shape))
-            report.unused[src] = 'shape does not fit the model'
-            report.converted.pop(key, None)
-            continue
-        result[key] = value
-        report.loaded.append(key)
-
-    for key in targets:
-        if key in result or key in report.mismatched:
-            continue
-        if re.match(r'^norm\d+\.(weight|bias)$', key):
-            report.missing[key] = REASON_OUTPUT_NORM
-        else:
-            report.missing[key] = 'backbone tensor absent from the checkpoint'
-    return result, report, mapped.origin
+    return convert_mapped(unwrapped, fmt, mapped, model, source, rebuilt=BUFFER_NAMES,
+                          fitting=_Resize(model, mapped.pos_grid), infer_arch=infer_arch,
+                          model_arch=_model_arch(model), model_name='SwinBackbone')
 
 
 def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[str] = None,
