@@ -192,9 +192,25 @@ def unwrap_state_dict(checkpoint: Mapping,
 # =====================================================================================
 # Detection
 # =====================================================================================
-_TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
-_OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
+TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
+OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
 _DOWNSAMPLE = re.compile(r'^layers[._](\d+)\.downsample\.')
+
+
+def key_sample(keys: list) -> str:
+    """The first few keys, to quote in an error."""
+    return ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+
+
+def official_or_timm(keys: list) -> str:
+    """'official' or 'timm' for keys of the official naming (V1 or V2): timm moved each
+    downsample to the start of the next stage, so stage 0 has none."""
+    stages = {int(m.group(1)) for m in map(_DOWNSAMPLE.match, keys) if m}
+    if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
+        return 'official'
+    if stages or 'head.fc.weight' in keys:
+        return 'timm'
+    return 'official'  # single stage: no downsample, both layouts coincide
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -210,20 +226,14 @@ def detect_layout(keys: Iterable[str]) -> str:
         raise ValueError('this is a Swin Transformer V2 checkpoint (logit_scale / cpb_mlp keys); '
                          "SwinBackbone implements Swin V1 and cannot use it: build "
                          "SwinV2Backbone (backbone=dict(type='SwinV2Backbone', ...)) for V2 files")
-    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+    if any(TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
         return 'torchvision'
     if any(NATIVE_BLOCK.match(k) for k in keys):
         return 'native'
-    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
-        stages = {int(m.group(1)) for m in map(_DOWNSAMPLE.match, keys) if m}
-        if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
-            return 'official'
-        if stages or 'head.fc.weight' in keys:
-            return 'timm'
-        return 'official'  # single stage: no downsample, both layouts coincide
-    sample = ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+    if any(OFFICIAL_BLOCK.match(k) for k in keys):
+        return official_or_timm(keys)
     raise ValueError(f'not a Swin Transformer checkpoint of a supported format; its keys look '
-                     f'like: {sample}. Supported formats: {", ".join(FORMATS)} '
+                     f'like: {key_sample(keys)}. Supported formats: {", ".join(FORMATS)} '
                      '(see swin_dense/checkpoint/formats.py)')
 
 

@@ -42,8 +42,9 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from torch import Tensor
 
-from .formats import (REASON_BUFFER, SWINV2_CR_REFUSAL, Unwrapped, detect_layout,
-                      official_to_unfold_reduction, unwrap)
+from .formats import (OFFICIAL_BLOCK, REASON_BUFFER, SWINV2_CR_REFUSAL, TV_BLOCK, Unwrapped,
+                      detect_layout, key_sample, official_or_timm, official_to_unfold_reduction,
+                      unwrap)
 from .mapping import (NATIVE_BLOCK, Dialect, MappedState, map_native_family, map_official_family,
                       map_torchvision_family)
 
@@ -105,15 +106,14 @@ def unwrap_v2(checkpoint: Mapping, prefix: Optional[str] = None) -> Unwrapped:
     return Unwrapped(kept, unwrapped.unused, unwrapped.notes, unwrapped.had_backbone_prefix)
 
 
-_TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
-_OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
-_OFFICIAL_DOWNSAMPLE = re.compile(r'^layers[._](\d+)\.downsample\.')
 _NATIVE_DOWNSAMPLE = re.compile(r'^stages\.(\d+)\.downsample\.')
 _EXTRA_NORM = re.compile(r'^stages\.\d+\.blocks\.\d+\.norm3\.')
 
 
-def _sample(keys: list) -> str:
-    return ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+def _unsupported(keys: list) -> ValueError:
+    return ValueError(f'not a Swin Transformer V2 checkpoint of a supported format; its keys look '
+                      f'like: {key_sample(keys)}. Supported formats: {", ".join(FORMATS_V2)} '
+                      '(see swin_dense/checkpoint/formats_v2.py)')
 
 
 def detect_v2_layout(keys: Iterable[str]) -> str:
@@ -130,14 +130,11 @@ def detect_v2_layout(keys: Iterable[str]) -> str:
         try:
             detect_layout(keys)
         except ValueError:
-            raise ValueError(f'not a Swin Transformer V2 checkpoint of a supported format; its keys '
-                             f'look like: {_sample(keys)}. Supported formats: '
-                             f'{", ".join(FORMATS_V2)} (see swin_dense/checkpoint/formats_v2.py)'
-                             ) from None
+            raise _unsupported(keys) from None
         raise ValueError('this is a Swin Transformer V1 checkpoint (no logit_scale / cpb_mlp '
                          'keys): SwinV2Backbone implements Swin V2 and cannot use it. Build '
                          "SwinBackbone (backbone=dict(type='SwinBackbone', ...)) for V1 files")
-    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+    if any(TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
         return 'torchvision_v2'
     if any(NATIVE_BLOCK.match(k) for k in keys):
         extra = [k for k in keys if _EXTRA_NORM.match(k)]
@@ -151,16 +148,9 @@ def detect_v2_layout(keys: Iterable[str]) -> str:
         if stages and 0 not in stages:  # mmpretrain: stage 0 starts without a downsample
             return 'mmpretrain_v2'
         return 'native_v2'
-    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
-        stages = {int(m.group(1)) for m in map(_OFFICIAL_DOWNSAMPLE.match, keys) if m}
-        if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
-            return 'official_v2'
-        if stages or 'head.fc.weight' in keys:
-            return 'timm_v2'
-        return 'official_v2'  # single stage: no downsample, both layouts coincide
-    raise ValueError(f'not a Swin Transformer V2 checkpoint of a supported format; its keys look '
-                     f'like: {_sample(keys)}. Supported formats: {", ".join(FORMATS_V2)} '
-                     '(see swin_dense/checkpoint/formats_v2.py)')
+    if any(OFFICIAL_BLOCK.match(k) for k in keys):
+        return official_or_timm(keys) + '_v2'
+    raise _unsupported(keys)
 
 
 def refine_v2_format(layout: str, unwrapped: Unwrapped) -> str:
