@@ -12,8 +12,8 @@ attributes.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Mapping
 from typing import Callable, Iterable, Optional
 
 import torch.nn as nn
@@ -24,7 +24,38 @@ from .formats import REASON_OUTPUT_NORM, Unwrapped
 from .mapping import MappedState
 from .report import LoadReport
 
-__all__ = ['Fitting', 'convert_mapped', 'unused_reason', 'with_variant_name']
+__all__ = ['Fitting', 'block_tensors', 'convert_mapped', 'stem_and_depths', 'unused_reason',
+           'with_variant_name']
+
+
+_BLOCK_KEY = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.')
+
+
+def block_tensors(state: Mapping[str, Tensor]) -> Iterator[tuple[int, int, str, Tensor]]:
+    """``(stage, block, key, value)`` of every block tensor of a state dict in our layout."""
+    for key, value in state.items():
+        m = _BLOCK_KEY.match(key)
+        if m:
+            yield int(m.group(1)), int(m.group(2)), key, value
+
+
+def stem_and_depths(state: Mapping[str, Tensor]) -> tuple[int, int, int, tuple]:
+    """``(embed_dims, in_channels, patch_size, depths)`` of a state dict in our layout.
+
+    Raises:
+        ValueError: no patch embedding, or stages that are not 0, 1, ... in order.
+    """
+    proj = state.get('patch_embed.projection.weight')
+    if proj is None or proj.dim() != 4:
+        raise ValueError('cannot infer the architecture: no patch_embed.projection.weight')
+    embed_dims, in_channels, patch, _ = proj.shape
+    depth: dict[int, int] = defaultdict(int)
+    for stage, block, _, _ in block_tensors(state):
+        depth[stage] = max(depth[stage], block + 1)
+    stages = sorted(depth)
+    if not stages or stages != list(range(len(stages))):
+        raise ValueError(f'cannot infer the architecture: stages {stages}')
+    return int(embed_dims), int(in_channels), int(patch), tuple(depth[i] for i in stages)
 
 
 def with_variant_name(arch: dict) -> dict:

@@ -29,8 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -40,7 +39,8 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from .conversion import Fitting, convert_mapped, with_variant_name
+from .conversion import (Fitting, block_tensors, convert_mapped, stem_and_depths,
+                         with_variant_name)
 from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, Unwrapped, detect_layout,
                       refine_format, unwrap)
 from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
@@ -98,28 +98,16 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict:
     """
     if is_v2_state(state):
         return infer_arch_v2(state)
-    proj = state.get('patch_embed.projection.weight')
-    if proj is None or proj.dim() != 4:
-        raise ValueError('cannot infer the architecture: no patch_embed.projection.weight')
-    embed_dims, in_channels, patch, _ = proj.shape
-    depth: dict[int, int] = defaultdict(int)
+    embed_dims, in_channels, patch, depths = stem_and_depths(state)
     heads: dict[int, int] = {}
     window = None
-    for key, value in state.items():
-        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.', key)
-        if not m:
-            continue
-        i, j = int(m.group(1)), int(m.group(2))
-        depth[i] = max(depth[i], j + 1)
+    for stage, _, key, value in block_tensors(state):
         if key.endswith('relative_position_bias_table') and value.dim() == 2:
-            heads[i] = value.shape[1]
+            heads[stage] = value.shape[1]
             window = (math.isqrt(value.shape[0]) + 1) // 2
-    stages = sorted(depth)
-    if not stages or stages != list(range(len(stages))):
-        raise ValueError(f'cannot infer the architecture: stages {stages}')
-    arch = dict(embed_dims=int(embed_dims), depths=tuple(depth[i] for i in stages),
-                num_heads=tuple(heads.get(i, 0) for i in stages), window_size=window,
-                patch_size=int(patch), in_channels=int(in_channels),
+    arch = dict(embed_dims=embed_dims, depths=depths,
+                num_heads=tuple(heads.get(i, 0) for i in range(len(depths))), window_size=window,
+                patch_size=patch, in_channels=in_channels,
                 patch_norm='patch_embed.norm.weight' in state,
                 qkv_bias='stages.0.blocks.0.attn.w_msa.qkv.bias' in state)
     fc1 = state.get('stages.0.blocks.0.ffn.layers.0.0.weight')
@@ -129,7 +117,7 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict:
     arch['use_abs_pos_embed'] = pos is not None
     if pos is not None:
         side = math.isqrt(pos.shape[1])
-        arch['pretrain_img_size'] = side * int(patch)
+        arch['pretrain_img_size'] = side * patch
     return with_variant_name(arch)
 
 

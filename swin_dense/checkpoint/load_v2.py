@@ -33,7 +33,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.continuous_bias import coords_table, pretrained_window_from_table, table_window_size
-from .conversion import Fitting, convert_mapped, with_variant_name
+from .conversion import (Fitting, block_tensors, convert_mapped, stem_and_depths,
+                         with_variant_name)
 from .formats import Unwrapped
 from .formats_v2 import MAPPERS_V2, REASON_TABLE_KEPT, REBUILT_BUFFERS, TABLE
 from .report import LoadReport
@@ -65,30 +66,19 @@ def infer_arch_v2(state: Mapping[str, Tensor]) -> dict:
     in_channels=3, mlp_ratio=4.0, version=2)``; ``window_size`` / ``pretrained_window_sizes``
     from the coordinate tables (None without tables), ``arch`` only for a published shape.
     """
-    proj = state.get('patch_embed.projection.weight')
-    if proj is None or proj.dim() != 4:
-        raise ValueError('cannot infer the architecture: no patch_embed.projection.weight')
-    embed_dims, in_channels, patch, _ = proj.shape
-    depth: dict[int, int] = defaultdict(int)
+    embed_dims, in_channels, patch, depths = stem_and_depths(state)
     heads: dict[int, int] = {}
     tables: dict[int, Tensor] = {}
-    for key, value in state.items():
-        m = _BLOCK.match(key)
-        if not m:
-            continue
-        i, j = int(m.group(1)), int(m.group(2))
-        depth[i] = max(depth[i], j + 1)
+    for stage, block, key, value in block_tensors(state):
         if key.endswith('attn.w_msa.logit_scale') and value.dim() >= 1:
-            heads[i] = value.shape[0]
-        elif key.endswith(TABLE) and j == 0:
-            tables[i] = value
-    stages = sorted(depth)
-    if not stages or stages != list(range(len(stages))):
-        raise ValueError(f'cannot infer the architecture: stages {stages}')
-    arch = dict(embed_dims=int(embed_dims), depths=tuple(depth[i] for i in stages),
+            heads[stage] = value.shape[0]
+        elif key.endswith(TABLE) and block == 0:
+            tables[stage] = value
+    stages = list(range(len(depths)))
+    arch = dict(embed_dims=embed_dims, depths=depths,
                 num_heads=tuple(heads.get(i, 0) for i in stages), window_size=None,
-                pretrained_window_sizes=None, patch_size=int(patch),
-                in_channels=int(in_channels), version=2)
+                pretrained_window_sizes=None, patch_size=patch, in_channels=in_channels,
+                version=2)
     if sorted(tables) == stages:
         try:
             arch['window_size'] = _per_stage([table_window_size(tables[i]) for i in stages])
