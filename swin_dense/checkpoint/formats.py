@@ -192,14 +192,26 @@ def unwrap_state_dict(checkpoint: Mapping,
 # =====================================================================================
 # Detection
 # =====================================================================================
-TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
-OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
+_TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
+_OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
 _DOWNSAMPLE = re.compile(r'^layers[._](\d+)\.downsample\.')
 
 
 def key_sample(keys: list) -> str:
     """The first few keys, to quote in an error."""
     return ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+
+
+def naming_family(keys: list) -> Optional[str]:
+    """'torchvision', 'native' or 'official' (V1 or V2 keys, from their attention names), or
+    None for keys of no Swin naming."""
+    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+        return 'torchvision'
+    if any(NATIVE_BLOCK.match(k) for k in keys):
+        return 'native'
+    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
+        return 'official'
+    return None
 
 
 def official_or_timm(keys: list) -> str:
@@ -226,12 +238,11 @@ def detect_layout(keys: Iterable[str]) -> str:
         raise ValueError('this is a Swin Transformer V2 checkpoint (logit_scale / cpb_mlp keys); '
                          "SwinBackbone implements Swin V1 and cannot use it: build "
                          "SwinV2Backbone (backbone=dict(type='SwinV2Backbone', ...)) for V2 files")
-    if any(TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
-        return 'torchvision'
-    if any(NATIVE_BLOCK.match(k) for k in keys):
-        return 'native'
-    if any(OFFICIAL_BLOCK.match(k) for k in keys):
+    family = naming_family(keys)
+    if family == 'official':
         return official_or_timm(keys)
+    if family is not None:
+        return family
     raise ValueError(f'not a Swin Transformer checkpoint of a supported format; its keys look '
                      f'like: {key_sample(keys)}. Supported formats: {", ".join(FORMATS)} '
                      '(see swin_dense/checkpoint/formats.py)')

@@ -42,10 +42,9 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from torch import Tensor
 
-from .formats import (OFFICIAL_BLOCK, REASON_BUFFER, SWINV2_CR_REFUSAL, TV_BLOCK, Unwrapped,
-                      detect_layout, key_sample, official_or_timm, official_to_unfold_reduction,
-                      unwrap)
-from .mapping import (NATIVE_BLOCK, Dialect, MappedState, map_native_family, map_official_family,
+from .formats import (REASON_BUFFER, SWINV2_CR_REFUSAL, Unwrapped, detect_layout, key_sample,
+                      naming_family, official_or_timm, official_to_unfold_reduction, unwrap)
+from .mapping import (Dialect, MappedState, map_native_family, map_official_family,
                       map_torchvision_family)
 
 __all__ = ['FORMATS_V2', 'FORMAT_V2_DESCRIPTIONS', 'MAPPERS_V2', 'detect_v2_format',
@@ -134,9 +133,10 @@ def detect_v2_layout(keys: Iterable[str]) -> str:
         raise ValueError('this is a Swin Transformer V1 checkpoint (no logit_scale / cpb_mlp '
                          'keys): SwinV2Backbone implements Swin V2 and cannot use it. Build '
                          "SwinBackbone (backbone=dict(type='SwinBackbone', ...)) for V1 files")
-    if any(TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+    family = naming_family(keys)
+    if family == 'torchvision':
         return 'torchvision_v2'
-    if any(NATIVE_BLOCK.match(k) for k in keys):
+    if family == 'native':
         extra = [k for k in keys if _EXTRA_NORM.match(k)]
         if extra:
             raise ValueError(
@@ -148,7 +148,7 @@ def detect_v2_layout(keys: Iterable[str]) -> str:
         if stages and 0 not in stages:  # mmpretrain: stage 0 starts without a downsample
             return 'mmpretrain_v2'
         return 'native_v2'
-    if any(OFFICIAL_BLOCK.match(k) for k in keys):
+    if family == 'official':
         return official_or_timm(keys) + '_v2'
     raise _unsupported(keys)
 
