@@ -22,8 +22,8 @@ from torch import Tensor
 
 from ..arch import ARCH_SETTINGS
 from ..fileio import atomic_write
-from .formats import MAPPERS, detect_layout, refine_format, unwrap
-from .formats_v2 import MAPPERS_V2, detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
+from .formats import MAPPERS
+from .formats_v2 import MAPPERS_V2, is_v2_state, unwrap_and_detect, unwrap_v2
 from .io import read_checkpoint
 from .load import convert_state_dict, infer_arch
 from .load_v2 import infer_arch_v2, is_v2_model, kept_tables
@@ -111,15 +111,11 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
                 getattr(model_or_arch, 'window_sizes', None)):
             raise ValueError('window_size is set by the model given; do not pass both')
         model = model_or_arch
-    elif is_v2_state(unwrap_v2(checkpoint, prefix).state):
-        unwrapped = unwrap_v2(checkpoint, prefix)
-        fmt = refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
-        model = _build_target(model_or_arch, MAPPERS_V2[fmt](unwrapped.state).tensors,
-                              window_size, v2=True)
     else:
-        unwrapped = unwrap(checkpoint, prefix)
-        fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
-        model = _build_target(model_or_arch, MAPPERS[fmt](unwrapped.state).tensors, window_size)
+        v2 = is_v2_state(unwrap_v2(checkpoint, prefix).state)
+        unwrapped, fmt = unwrap_and_detect(checkpoint, prefix, v2=v2)
+        mapped = (MAPPERS_V2 if v2 else MAPPERS)[fmt](unwrapped.state)
+        model = _build_target(model_or_arch, mapped.tensors, window_size, v2=v2)
     state, report = convert_state_dict(checkpoint, model, prefix=prefix, source=str(src))
     report.check()
     if is_v2_model(model):

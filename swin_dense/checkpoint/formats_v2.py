@@ -43,12 +43,13 @@ from typing import Callable, Iterable, Mapping, Optional
 from torch import Tensor
 
 from .formats import (REASON_BUFFER, SWINV2_CR_REFUSAL, Unwrapped, detect_layout, key_sample,
-                      naming_family, official_or_timm, official_to_unfold_reduction, unwrap)
+                      naming_family, official_or_timm, official_to_unfold_reduction, refine_format,
+                      unwrap)
 from .mapping import (Dialect, MappedState, map_native_family, map_official_family,
                       map_torchvision_family)
 
 __all__ = ['FORMATS_V2', 'FORMAT_V2_DESCRIPTIONS', 'MAPPERS_V2', 'detect_v2_format',
-           'detect_v2_layout', 'is_v2_state', 'refine_v2_format', 'unwrap_v2']
+           'detect_v2_layout', 'is_v2_state', 'refine_v2_format', 'unwrap_and_detect', 'unwrap_v2']
 
 #: Swin V2 source layouts :func:`detect_v2_format` recognises.
 FORMATS_V2 = ('native_v2', 'mmpretrain_v2', 'official_v2', 'timm_v2', 'torchvision_v2',
@@ -166,8 +167,22 @@ def detect_v2_format(checkpoint: Mapping) -> str:
     Raises:
         ValueError: see :func:`detect_v2_layout`.
     """
-    unwrapped = unwrap_v2(checkpoint)
-    return refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
+    return unwrap_and_detect(checkpoint, v2=True)[1]
+
+
+def unwrap_and_detect(checkpoint: Mapping, prefix: Optional[str] = None, *,
+                      v2: bool) -> tuple[Unwrapped, str]:
+    """The backbone tensors of a checkpoint dict and their format: one of :data:`FORMATS_V2`
+    (``v2``) or of :data:`~.formats.FORMATS`, for the model's version.
+
+    Raises:
+        ValueError: see :func:`detect_v2_layout` / :func:`~.formats.detect_layout`.
+    """
+    if v2:
+        unwrapped = unwrap_v2(checkpoint, prefix)
+        return unwrapped, refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
+    unwrapped = unwrap(checkpoint, prefix)
+    return unwrapped, refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
 
 
 # =====================================================================================

@@ -42,8 +42,8 @@ from torch import Tensor
 from .conversion import (Fitting, block_tensors, convert_mapped, stem_and_depths,
                          with_variant_name)
 from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, Unwrapped, detect_layout,
-                      refine_format, unwrap)
-from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
+                      refine_format)
+from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_and_detect
 from .io import read_checkpoint
 from .load_v2 import convert_v2, infer_arch_v2, is_v2_model, kept_tables
 from .report import LoadReport
@@ -203,14 +203,9 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[s
         prefix: keep only the keys under this prefix (e.g. ``'backbone.'``), as mmengine does.
         source: name of the checkpoint, for the report.
     """
-    if is_v2_model(model):
-        unwrapped = unwrap_v2(checkpoint, prefix)
-        fmt = refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
-        result, report, _ = convert_v2(unwrapped, fmt, model, source)
-        return result, report
-    unwrapped = unwrap(checkpoint, prefix)
-    fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
-    result, report, _ = _convert(unwrapped, fmt, model, source)
+    v2 = is_v2_model(model)
+    unwrapped, fmt = unwrap_and_detect(checkpoint, prefix, v2=v2)
+    result, report, _ = (convert_v2 if v2 else _convert)(unwrapped, fmt, model, source)
     return result, report
 
 
@@ -337,12 +332,8 @@ def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
     unwrapped = Unwrapped(local, {}, [], had_backbone_prefix=bool(prefix))
     source = (f'the state dict loaded into the model (keys under {prefix!r})' if prefix
               else 'the state dict given to load_state_dict')
-    if v2:
-        state, report, origin = convert_v2(unwrapped, refine_v2_format(layout, unwrapped),
-                                           module, source)
-    else:
-        state, report, origin = _convert(unwrapped, refine_format(layout, unwrapped), module,
-                                         source)
+    fmt = (refine_v2_format if v2 else refine_format)(layout, unwrapped)
+    state, report, origin = (convert_v2 if v2 else _convert)(unwrapped, fmt, module, source)
     report.check(allow_missing=True)
 
     consumed = {origin[k] for k in state}
