@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from torch import Tensor
 
@@ -75,17 +75,19 @@ def head_reason(state: Mapping[str, Tensor]) -> Callable[[str], str]:
     return lambda key: REASON_HEAD
 
 
-def _set_aside(key: str, out: MappedState, dialect: Dialect,
-               head: Callable[[str], str]) -> bool:
-    """Keys every layout leaves out: rebuilt buffers and classifier heads."""
-    reason = dialect.set_aside.get(key.rsplit('.', 1)[-1])
-    if reason is not None:
-        out.unused[key] = reason
-        return True
-    if key.startswith('head.'):
-        out.unused[key] = head(key)
-        return True
-    return False
+def _to_place(state: Mapping[str, Tensor], dialect: Dialect,
+              out: MappedState) -> Iterator[tuple[str, Tensor]]:
+    """The items of ``state`` a mapper has to place: all but the keys every layout leaves out
+    (the version's rebuilt buffers, classifier heads), which go to ``out.unused``."""
+    head = head_reason(state)
+    for key, value in state.items():
+        reason = dialect.set_aside.get(key.rsplit('.', 1)[-1])
+        if reason is None and key.startswith('head.'):
+            reason = head(key)
+        if reason is None:
+            yield key, value
+        else:
+            out.unused[key] = reason
 
 
 def _put_block(out: MappedState, key: str, stage: int, block: str, suffix: str,
@@ -120,10 +122,8 @@ def map_official_family(state: Mapping[str, Tensor], dialect: Dialect,
     ``downsample_offset`` is the stage a ``layers.i.downsample`` belongs to, relative to ``i``:
     0 where it ends stage i (official), -1 where it starts it (timm).
     """
-    out, head = MappedState(), head_reason(state)
-    for key, value in state.items():
-        if _set_aside(key, out, dialect, head):
-            continue
+    out = MappedState()
+    for key, value in _to_place(state, dialect, out):
         if key.startswith('patch_embed.'):
             out.put(key.replace('patch_embed.proj.', 'patch_embed.projection.'), key, value)
         elif m := _OFFICIAL_BLOCK_KEY.match(key):
@@ -155,10 +155,8 @@ def map_torchvision_family(state: Mapping[str, Tensor], dialect: Dialect,
 
     ``put_qkv_bias`` maps a block's ``attn.qkv.bias`` when the version does not keep it whole.
     """
-    out, head = MappedState(), head_reason(state)
-    for key, value in state.items():
-        if _set_aside(key, out, dialect, head):
-            continue
+    out = MappedState()
+    for key, value in _to_place(state, dialect, out):
         m = _TV_FEATURE.match(key)
         if m is None:
             out.unused[key] = REASON_FINAL_NORM if key.startswith('norm.') else dialect.not_backbone
@@ -197,11 +195,9 @@ def map_native_family(state: Mapping[str, Tensor], dialect: Dialect, *,
     to the end of stage i - 1 (``moved_reason`` says so). ``legacy_final_norm``: a final
     ``norm.`` (mmcls < 0.21) is loaded as the last stage's ``norm{last}``, as mmpretrain does.
     """
-    out, head = MappedState(), head_reason(state)
+    out = MappedState()
     last = max((int(m.group(1)) for m in map(NATIVE_BLOCK.match, state) if m), default=0)
-    for key, value in state.items():
-        if _set_aside(key, out, dialect, head):
-            continue
+    for key, value in _to_place(state, dialect, out):
         m = _NATIVE_MERGING_KEY.match(key)
         if m and downsample_offset:
             stage = int(m.group(1)) + downsample_offset
