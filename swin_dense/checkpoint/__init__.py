@@ -2,7 +2,8 @@
 ``SwinV2Backbone`` (Swin V2 layouts: :mod:`.formats_v2`, :mod:`.load_v2`; the same entry points).
 
 Weights flow one way: file -> safe read (:mod:`.io`) -> detect the layout and map the names
-(:mod:`.formats`, one mapper per layout) -> resize and load with a report (:mod:`.load`,
+(:mod:`.formats`, one mapper per layout, walking its naming family with :mod:`.mapping`) ->
+resize and load with a report (:mod:`.load`, through the one loop of :mod:`.conversion`;
 :mod:`.report`); :mod:`.convert` writes the result as a file. The package never imports the
 backbone: it reads the arch table from ``swin_dense.arch`` and is given the model (or builds it
 through mmengine's registry).

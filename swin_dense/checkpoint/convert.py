@@ -22,8 +22,8 @@ from torch import Tensor
 
 from ..arch import ARCH_SETTINGS
 from ..fileio import atomic_write
-from .formats import MAPPERS, detect_layout, refine_format, unwrap
-from .formats_v2 import MAPPERS_V2, detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
+from .formats import MAPPERS
+from .formats_v2 import MAPPERS_V2, is_v2_state, unwrap_and_detect, unwrap_v2
 from .io import read_checkpoint
 from .load import convert_state_dict, infer_arch
 from .load_v2 import infer_arch_v2, is_v2_model, kept_tables
@@ -49,37 +49,10 @@ def _build_backbone(kwargs: dict, name: str = 'SwinBackbone') -> nn.Module:
     return MODELS.build(dict(type=name, **kwargs))
 
 
-def _build_v2_target(model_or_arch: Any, state: Mapping[str, Tensor],
-                     window_size: Any) -> nn.Module:
-    """A SwinV2Backbone shaped like ``state`` (windows and pretrained windows from its tables),
-    with the explicit arguments on top."""
-    if model_or_arch is not None and not isinstance(model_or_arch, (str, Mapping)):
-        raise TypeError(f'model_or_arch must be a module, an arch name, a dict or None, '
-                        f'got {type(model_or_arch).__name__}')
-    kwargs: dict = {}
-    try:
-        arch = infer_arch_v2(state)
-        kwargs = {k: arch[k] for k in _V2_SHAPE_ARGUMENTS if arch.get(k) is not None}
-    except ValueError:
-        if model_or_arch is None:
-            raise
-    explicit = (dict(arch=model_or_arch) if isinstance(model_or_arch, str)
-                else dict(model_or_arch or {}))
-    if 'arch' in explicit:
-        for k in ('embed_dims', 'depths', 'num_heads'):
-            kwargs.pop(k, None)
-    kwargs.update(explicit)
-    if window_size is not None:
-        kwargs['window_size'] = window_size
-    depths = kwargs.get('depths') or ARCH_SETTINGS.get(kwargs.get('arch', 'tiny'), {}).get(
-        'depths', (2, 2, 6, 2))
-    kwargs.setdefault('out_indices', tuple(range(len(depths))))
-    return _build_backbone(kwargs, 'SwinV2Backbone')
-
-
-def _build_target(model_or_arch: Any, state: Mapping[str, Tensor],
-                  window_size: Optional[int]) -> nn.Module:
-    """The model to convert for: given, or a SwinBackbone shaped like ``state`` with overrides."""
+def _build_target(model_or_arch: Any, state: Mapping[str, Tensor], window_size: Any,
+                  v2: bool = False) -> nn.Module:
+    """The model to convert for: given, or a SwinBackbone (``v2``: SwinV2Backbone) shaped like
+    ``state`` (V2: windows and pretrained windows from its tables), with the overrides on top."""
     if isinstance(model_or_arch, nn.Module):
         return model_or_arch
     if model_or_arch is not None and not isinstance(model_or_arch, (str, Mapping)):
@@ -87,8 +60,9 @@ def _build_target(model_or_arch: Any, state: Mapping[str, Tensor],
                         f'got {type(model_or_arch).__name__}')
     kwargs: dict = {}
     try:  # start from the file's own shape (abs pos embed, mlp ratio, patch size ...)
-        arch = infer_arch(state)
-        kwargs = {k: arch[k] for k in _SHAPE_ARGUMENTS if arch.get(k) is not None}
+        arch = infer_arch_v2(state) if v2 else infer_arch(state)
+        names = _V2_SHAPE_ARGUMENTS if v2 else _SHAPE_ARGUMENTS
+        kwargs = {k: arch[k] for k in names if arch.get(k) is not None}
     except ValueError:
         if model_or_arch is None:
             raise
@@ -102,9 +76,10 @@ def _build_target(model_or_arch: Any, state: Mapping[str, Tensor],
         kwargs['window_size'] = window_size
     depths = kwargs.get('depths') or ARCH_SETTINGS.get(kwargs.get('arch', 'tiny'), {}).get(
         'depths', (2, 2, 6, 2))
-    kwargs.setdefault('strides', (kwargs.get('patch_size', 4),) + (2,) * (len(depths) - 1))
+    if not v2:
+        kwargs.setdefault('strides', (kwargs.get('patch_size', 4),) + (2,) * (len(depths) - 1))
     kwargs.setdefault('out_indices', tuple(range(len(depths))))
-    return _build_backbone(kwargs)
+    return _build_backbone(kwargs, 'SwinV2Backbone' if v2 else 'SwinBackbone')
 
 
 def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
@@ -136,15 +111,11 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
                 getattr(model_or_arch, 'window_sizes', None)):
             raise ValueError('window_size is set by the model given; do not pass both')
         model = model_or_arch
-    elif is_v2_state(unwrap_v2(checkpoint, prefix).state):
-        unwrapped = unwrap_v2(checkpoint, prefix)
-        fmt = refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
-        model = _build_v2_target(model_or_arch, MAPPERS_V2[fmt](unwrapped.state).tensors,
-                                 window_size)
     else:
-        unwrapped = unwrap(checkpoint, prefix)
-        fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
-        model = _build_target(model_or_arch, MAPPERS[fmt](unwrapped.state).tensors, window_size)
+        v2 = is_v2_state(unwrap_v2(checkpoint, prefix).state)
+        unwrapped, fmt = unwrap_and_detect(checkpoint, prefix, v2=v2)
+        mapped = (MAPPERS_V2 if v2 else MAPPERS)[fmt](unwrapped.state)
+        model = _build_target(model_or_arch, mapped.tensors, window_size, v2=v2)
     state, report = convert_state_dict(checkpoint, model, prefix=prefix, source=str(src))
     report.check()
     if is_v2_model(model):

@@ -29,16 +29,24 @@ torchvision    ``torchvision.models.swin_t/s/b``: ``features.0.{0,2}`` patch emb
 =============  ====================================================================================
 
 Always: ``relative_position_index`` / ``attn_mask`` buffers are dropped (the model rebuilds them).
+
+The mappers walk a naming family with :mod:`.mapping` (shared with Swin V2); what is V1's here is
+the :data:`V1` dialect: its block names, its PatchMerging reorder and its absolute position
+embedding.
 """
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch.nn as nn
 from torch import Tensor
+
+from .mapping import REASON_FINAL_NORM, REASON_HEAD  # noqa: F401  (reasons the report shows)
+from .mapping import (NATIVE_BLOCK, Dialect, MappedState, map_native_family, map_official_family,
+                      map_torchvision_family)
 
 __all__ = ['FORMATS', 'FORMAT_DESCRIPTIONS', 'MAPPERS', 'MappedState', 'detect_format',
            'detect_layout', 'official_to_unfold_norm', 'official_to_unfold_reduction',
@@ -59,9 +67,6 @@ FORMAT_DESCRIPTIONS = {
 # Reasons shown in the report (also used by the tests).
 REASON_OUTPUT_NORM = 'per-output norm, new in dense backbones, starts at weight 1 bias 0'
 REASON_BUFFER = 'buffer (relative_position_index / attn_mask), rebuilt by the model, never loaded'
-REASON_FINAL_NORM = ('final norm of the classifier; a dense backbone normalises each output with '
-                     'its own norm{i} instead')
-REASON_HEAD = 'classifier head'
 REASON_REORDER = ('PatchMerging channels reordered from the official 2x2 concat order to '
                   "nn.Unfold order (mmdet's swin_converter)")
 
@@ -188,9 +193,36 @@ def unwrap_state_dict(checkpoint: Mapping,
 # Detection
 # =====================================================================================
 _TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
-NATIVE_BLOCK = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.qkv\.weight$')
 _OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
 _DOWNSAMPLE = re.compile(r'^layers[._](\d+)\.downsample\.')
+
+
+def key_sample(keys: list) -> str:
+    """The first few keys, to quote in an error."""
+    return ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+
+
+def naming_family(keys: list) -> Optional[str]:
+    """'torchvision', 'native' or 'official' (V1 or V2 keys, from their attention names), or
+    None for keys of no Swin naming."""
+    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+        return 'torchvision'
+    if any(NATIVE_BLOCK.match(k) for k in keys):
+        return 'native'
+    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
+        return 'official'
+    return None
+
+
+def official_or_timm(keys: list) -> str:
+    """'official' or 'timm' for keys of the official naming (V1 or V2): timm moved each
+    downsample to the start of the next stage, so stage 0 has none."""
+    stages = {int(m.group(1)) for m in map(_DOWNSAMPLE.match, keys) if m}
+    if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
+        return 'official'
+    if stages or 'head.fc.weight' in keys:
+        return 'timm'
+    return 'official'  # single stage: no downsample, both layouts coincide
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -206,20 +238,13 @@ def detect_layout(keys: Iterable[str]) -> str:
         raise ValueError('this is a Swin Transformer V2 checkpoint (logit_scale / cpb_mlp keys); '
                          "SwinBackbone implements Swin V1 and cannot use it: build "
                          "SwinV2Backbone (backbone=dict(type='SwinV2Backbone', ...)) for V2 files")
-    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
-        return 'torchvision'
-    if any(NATIVE_BLOCK.match(k) for k in keys):
-        return 'native'
-    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
-        stages = {int(m.group(1)) for m in map(_DOWNSAMPLE.match, keys) if m}
-        if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
-            return 'official'
-        if stages or 'head.fc.weight' in keys:
-            return 'timm'
-        return 'official'  # single stage: no downsample, both layouts coincide
-    sample = ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+    family = naming_family(keys)
+    if family == 'official':
+        return official_or_timm(keys)
+    if family is not None:
+        return family
     raise ValueError(f'not a Swin Transformer checkpoint of a supported format; its keys look '
-                     f'like: {sample}. Supported formats: {", ".join(FORMATS)} '
+                     f'like: {key_sample(keys)}. Supported formats: {", ".join(FORMATS)} '
                      '(see swin_dense/checkpoint/formats.py)')
 
 
@@ -267,33 +292,14 @@ def official_to_unfold_norm(vector: Tensor) -> Tensor:
     return vector.reshape(4, in_ch // 4)[[0, 2, 1, 3], :].transpose(0, 1).reshape(in_ch)
 
 
-def _reorder_merging(our_key: str, value: Tensor) -> Tensor:
-    if our_key.endswith('reduction.weight'):
-        return official_to_unfold_reduction(value)
-    return official_to_unfold_norm(value)
-
-
-# =====================================================================================
-# Mappers: one pure function per source layout, source state -> MappedState (our names)
-# =====================================================================================
-@dataclass
-class MappedState:
-    """A source state dict under our names, with where each tensor came from."""
-
-    tensors: 'OrderedDict[str, Tensor]' = field(default_factory=OrderedDict)
-    origin: dict = field(default_factory=dict)  # our key -> source key
-    unused: dict = field(default_factory=dict)  # source key -> reason
-    converted: dict = field(default_factory=dict)  # our key -> what was done
-    pos_grid: Optional[tuple] = None  # source grid of absolute_pos_embed, when known
-
-    def put(self, ours: str, src: str, value: Tensor) -> None:
-        self.tensors[ours] = value
-        self.origin[ours] = src
-
-    def put_merging(self, ours: str, src: str, value: Tensor) -> None:
-        """A PatchMerging tensor in the official channel order, reordered to ours."""
-        self.put(ours, src, _reorder_merging(ours, value))
-        self.converted[ours] = REASON_REORDER
+def _put_concat_merging(out: MappedState, ours: str, src: str, value: Tensor) -> None:
+    """V1 PatchMerging (norm BEFORE the reduction, 4C wide): every tensor is reordered."""
+    if ours.endswith('reduction.weight'):
+        value = official_to_unfold_reduction(value)
+    else:
+        value = official_to_unfold_norm(value)
+    out.put(ours, src, value)
+    out.converted[ours] = REASON_REORDER
 
 
 def _block_suffix(suffix: str, mlp: Mapping[str, str]) -> Optional[str]:
@@ -309,149 +315,55 @@ def _block_suffix(suffix: str, mlp: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-_OFFICIAL_MLP = {'mlp.fc1.': 'ffn.layers.0.0.', 'mlp.fc2.': 'ffn.layers.1.'}
-_TV_MLP = {'mlp.0.': 'ffn.layers.0.0.', 'mlp.3.': 'ffn.layers.1.'}
-_OFFICIAL_BLOCK_KEY = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.(.+)$')
-_OFFICIAL_MERGING_KEY = re.compile(
-    r'^layers[._](\d+)\.downsample\.((?:reduction|norm)\.(?:weight|bias))$')
-_OUTPUT_NORM_KEY = re.compile(r'^norm\d+\.(weight|bias)$')
+def _put_absolute_pos_embed(out: MappedState, key: str, value: Tensor) -> bool:
+    if key != 'absolute_pos_embed':
+        return False
+    if value.dim() == 4:  # the detection repository: (1, C, H, W)
+        out.pos_grid = tuple(value.shape[2:])
+        value = value.flatten(2).transpose(1, 2)
+    out.put(key, key, value)
+    return True
 
 
-def _head_reason(state: Mapping[str, Tensor]) -> Callable[[str], str]:
-    for k in ('head.weight', 'head.fc.weight'):
-        if k in state and state[k].dim() == 2:
-            return lambda key, n=state[k].shape[0]: f'{REASON_HEAD} ({n} classes)'
-    return lambda key: REASON_HEAD
+#: What Swin V1 changes in the naming families (see :mod:`.mapping`).
+V1 = Dialect(block_suffix=_block_suffix, put_concat_merging=_put_concat_merging,
+             set_aside={name: REASON_BUFFER for name in BUFFER_NAMES},
+             not_backbone='not a Swin backbone tensor',
+             extra_official_key=_put_absolute_pos_embed)
 
 
-def _set_aside(key: str, out: MappedState, head_reason: Callable[[str], str]) -> bool:
-    """Keys every layout leaves out: rebuilt buffers and classifier heads."""
-    if key.rsplit('.', 1)[-1] in BUFFER_NAMES:
-        out.unused[key] = REASON_BUFFER
-        return True
-    if key.startswith('head.'):
-        out.unused[key] = head_reason(key)
-        return True
-    return False
-
-
-def _map_official_family(state: Mapping[str, Tensor], downsample_offset: int) -> MappedState:
-    """The microsoft naming: ``layers.i`` (timm: ``layers_i``), ``attn.qkv``, ``mlp.fc1``.
-
-    ``downsample_offset`` is the stage a ``layers.i.downsample`` belongs to, relative to ``i``:
-    0 where it ends stage i (official), -1 where it starts it (timm).
-    """
-    out, head = MappedState(), _head_reason(state)
-    for key, value in state.items():
-        if _set_aside(key, out, head):
-            continue
-        if key.startswith('patch_embed.'):
-            out.put(key.replace('patch_embed.proj.', 'patch_embed.projection.'), key, value)
-        elif key == 'absolute_pos_embed':
-            if value.dim() == 4:  # the detection repository: (1, C, H, W)
-                out.pos_grid = tuple(value.shape[2:])
-                value = value.flatten(2).transpose(1, 2)
-            out.put(key, key, value)
-        elif m := _OFFICIAL_BLOCK_KEY.match(key):
-            suffix = _block_suffix(m.group(3), _OFFICIAL_MLP)
-            if suffix is None:
-                out.unused[key] = 'unknown block parameter'
-            else:
-                out.put(f'stages.{m.group(1)}.blocks.{m.group(2)}.{suffix}', key, value)
-        elif m := _OFFICIAL_MERGING_KEY.match(key):
-            stage = int(m.group(1)) + downsample_offset
-            if stage < 0:
-                out.unused[key] = 'downsample before the first stage (unexpected)'
-            else:
-                out.put_merging(f'stages.{stage}.downsample.{m.group(2)}', key, value)
-        elif _OUTPUT_NORM_KEY.match(key):  # the detection repository's per-output norms
-            out.put(key, key, value)
-        elif key.startswith('norm.'):
-            out.unused[key] = REASON_FINAL_NORM
-        else:
-            out.unused[key] = 'not a Swin backbone tensor'
-    return out
-
-
+# =====================================================================================
+# Mappers: one pure function per source layout, source state -> MappedState (our names)
+# =====================================================================================
 def map_official(state: Mapping[str, Tensor]) -> MappedState:
     """microsoft/Swin-Transformer classification: downsample at the end of its stage."""
-    return _map_official_family(state, downsample_offset=0)
+    return map_official_family(state, V1, downsample_offset=0)
 
 
 def map_official_det(state: Mapping[str, Tensor]) -> MappedState:
     """The official detection / segmentation repositories: the classification naming, plus
     per-output ``norm{i}`` and a (1, C, H, W) ``absolute_pos_embed``."""
-    return _map_official_family(state, downsample_offset=0)
+    return map_official_family(state, V1, downsample_offset=0)
 
 
 def map_timm(state: Mapping[str, Tensor]) -> MappedState:
     """timm >= 0.9: ``layers.i.downsample`` (i >= 1) belongs to the end of our stage i - 1."""
-    return _map_official_family(state, downsample_offset=-1)
-
-
-_TV_PATCH_EMBED = {'0.weight': 'patch_embed.projection.weight',
-                   '0.bias': 'patch_embed.projection.bias',
-                   '2.weight': 'patch_embed.norm.weight', '2.bias': 'patch_embed.norm.bias'}
-_TV_FEATURE = re.compile(r'^features\.(\d+)\.(.+)$')
+    return map_official_family(state, V1, downsample_offset=-1)
 
 
 def map_torchvision(state: Mapping[str, Tensor]) -> MappedState:
     """``features.0`` patch embedding, ``features.{2i+1}`` stage i, ``features.{2i+2}`` merging."""
-    out, head = MappedState(), _head_reason(state)
-    for key, value in state.items():
-        if _set_aside(key, out, head):
-            continue
-        m = _TV_FEATURE.match(key)
-        if m is None:
-            out.unused[key] = (REASON_FINAL_NORM if key.startswith('norm.')
-                               else 'not a Swin backbone tensor')
-            continue
-        index, rest = int(m.group(1)), m.group(2)
-        if index == 0:  # Sequential(Conv2d, Permute, LayerNorm)
-            if rest in _TV_PATCH_EMBED:
-                out.put(_TV_PATCH_EMBED[rest], key, value)
-            else:
-                out.unused[key] = 'not a Swin backbone tensor'
-        elif index % 2 == 1:  # stage (index - 1) // 2: Sequential of blocks
-            j, _, suffix = rest.partition('.')
-            ours = _block_suffix(suffix, _TV_MLP) if j.isdigit() else None
-            if ours is None:
-                out.unused[key] = 'unknown block parameter'
-            else:
-                out.put(f'stages.{(index - 1) // 2}.blocks.{j}.{ours}', key, value)
-        elif rest in ('reduction.weight', 'norm.weight', 'norm.bias'):  # after stage index//2 - 1
-            out.put_merging(f'stages.{index // 2 - 1}.downsample.{rest}', key, value)
-        else:
-            out.unused[key] = 'unknown PatchMerging parameter'
-    return out
-
-
-def _map_native_family(state: Mapping[str, Tensor], legacy_final_norm: bool) -> MappedState:
-    out, head = MappedState(), _head_reason(state)
-    last = max((int(m.group(1)) for m in map(NATIVE_BLOCK.match, state) if m), default=0)
-    for key, value in state.items():
-        if _set_aside(key, out, head):
-            continue
-        if key.startswith('norm.') and legacy_final_norm:  # mmcls < 0.21: norm -> norm{last}
-            ours = f'norm{last}.' + key[len('norm.'):]
-            out.put(ours, key, value)
-            out.converted[ours] = (f"legacy mmcls final norm 'norm.' loaded as norm{last}, "
-                                   'as mmpretrain does')
-        elif key.startswith('norm.'):
-            out.unused[key] = REASON_FINAL_NORM
-        else:
-            out.put(key, key, value)
-    return out
+    return map_torchvision_family(state, V1)
 
 
 def map_native(state: Mapping[str, Tensor]) -> MappedState:
     """Ours / mmdet / mmseg: names and channel order already match; buffers are dropped."""
-    return _map_native_family(state, legacy_final_norm=False)
+    return map_native_family(state, V1)
 
 
 def map_mmpretrain(state: Mapping[str, Tensor]) -> MappedState:
     """mmpretrain / mmcls: the native naming; a legacy final ``norm.`` becomes ``norm{last}``."""
-    return _map_native_family(state, legacy_final_norm=True)
+    return map_native_family(state, V1, legacy_final_norm=True)
 
 
 #: The mapper of each format.

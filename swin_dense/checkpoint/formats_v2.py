@@ -42,12 +42,14 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from torch import Tensor
 
-from .formats import (NATIVE_BLOCK, REASON_BUFFER, REASON_FINAL_NORM, SWINV2_CR_REFUSAL,
-                      MappedState, Unwrapped, _head_reason, detect_layout,
-                      official_to_unfold_reduction, unwrap)
+from .formats import (REASON_BUFFER, SWINV2_CR_REFUSAL, Unwrapped, detect_layout, key_sample,
+                      naming_family, official_or_timm, official_to_unfold_reduction, refine_format,
+                      unwrap)
+from .mapping import (Dialect, MappedState, map_native_family, map_official_family,
+                      map_torchvision_family)
 
 __all__ = ['FORMATS_V2', 'FORMAT_V2_DESCRIPTIONS', 'MAPPERS_V2', 'detect_v2_format',
-           'detect_v2_layout', 'is_v2_state', 'refine_v2_format', 'unwrap_v2']
+           'detect_v2_layout', 'is_v2_state', 'refine_v2_format', 'unwrap_and_detect', 'unwrap_v2']
 
 #: Swin V2 source layouts :func:`detect_v2_format` recognises.
 FORMATS_V2 = ('native_v2', 'mmpretrain_v2', 'official_v2', 'timm_v2', 'torchvision_v2',
@@ -104,15 +106,14 @@ def unwrap_v2(checkpoint: Mapping, prefix: Optional[str] = None) -> Unwrapped:
     return Unwrapped(kept, unwrapped.unused, unwrapped.notes, unwrapped.had_backbone_prefix)
 
 
-_TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.attn\.qkv\.weight$')
-_OFFICIAL_BLOCK = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$')
-_OFFICIAL_DOWNSAMPLE = re.compile(r'^layers[._](\d+)\.downsample\.')
 _NATIVE_DOWNSAMPLE = re.compile(r'^stages\.(\d+)\.downsample\.')
 _EXTRA_NORM = re.compile(r'^stages\.\d+\.blocks\.\d+\.norm3\.')
 
 
-def _sample(keys: list) -> str:
-    return ', '.join(keys[:6]) + (', ...' if len(keys) > 6 else '')
+def _unsupported(keys: list) -> ValueError:
+    return ValueError(f'not a Swin Transformer V2 checkpoint of a supported format; its keys look '
+                      f'like: {key_sample(keys)}. Supported formats: {", ".join(FORMATS_V2)} '
+                      '(see swin_dense/checkpoint/formats_v2.py)')
 
 
 def detect_v2_layout(keys: Iterable[str]) -> str:
@@ -129,16 +130,14 @@ def detect_v2_layout(keys: Iterable[str]) -> str:
         try:
             detect_layout(keys)
         except ValueError:
-            raise ValueError(f'not a Swin Transformer V2 checkpoint of a supported format; its keys '
-                             f'look like: {_sample(keys)}. Supported formats: '
-                             f'{", ".join(FORMATS_V2)} (see swin_dense/checkpoint/formats_v2.py)'
-                             ) from None
+            raise _unsupported(keys) from None
         raise ValueError('this is a Swin Transformer V1 checkpoint (no logit_scale / cpb_mlp '
                          'keys): SwinV2Backbone implements Swin V2 and cannot use it. Build '
                          "SwinBackbone (backbone=dict(type='SwinBackbone', ...)) for V1 files")
-    if any(_TV_BLOCK.match(k) for k in keys) and 'features.0.0.weight' in keys:
+    family = naming_family(keys)
+    if family == 'torchvision':
         return 'torchvision_v2'
-    if any(NATIVE_BLOCK.match(k) for k in keys):
+    if family == 'native':
         extra = [k for k in keys if _EXTRA_NORM.match(k)]
         if extra:
             raise ValueError(
@@ -150,16 +149,9 @@ def detect_v2_layout(keys: Iterable[str]) -> str:
         if stages and 0 not in stages:  # mmpretrain: stage 0 starts without a downsample
             return 'mmpretrain_v2'
         return 'native_v2'
-    if any(_OFFICIAL_BLOCK.match(k) for k in keys):
-        stages = {int(m.group(1)) for m in map(_OFFICIAL_DOWNSAMPLE.match, keys) if m}
-        if 0 in stages:  # official: stage 0 ends with a downsample; timm: stage 0 has none
-            return 'official_v2'
-        if stages or 'head.fc.weight' in keys:
-            return 'timm_v2'
-        return 'official_v2'  # single stage: no downsample, both layouts coincide
-    raise ValueError(f'not a Swin Transformer V2 checkpoint of a supported format; its keys look '
-                     f'like: {_sample(keys)}. Supported formats: {", ".join(FORMATS_V2)} '
-                     '(see swin_dense/checkpoint/formats_v2.py)')
+    if family == 'official':
+        return official_or_timm(keys) + '_v2'
+    raise _unsupported(keys)
 
 
 def refine_v2_format(layout: str, unwrapped: Unwrapped) -> str:
@@ -175,8 +167,22 @@ def detect_v2_format(checkpoint: Mapping) -> str:
     Raises:
         ValueError: see :func:`detect_v2_layout`.
     """
-    unwrapped = unwrap_v2(checkpoint)
-    return refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
+    return unwrap_and_detect(checkpoint, v2=True)[1]
+
+
+def unwrap_and_detect(checkpoint: Mapping, prefix: Optional[str] = None, *,
+                      v2: bool) -> tuple[Unwrapped, str]:
+    """The backbone tensors of a checkpoint dict and their format: one of :data:`FORMATS_V2`
+    (``v2``) or of :data:`~.formats.FORMATS`, for the model's version.
+
+    Raises:
+        ValueError: see :func:`detect_v2_layout` / :func:`~.formats.detect_layout`.
+    """
+    if v2:
+        unwrapped = unwrap_v2(checkpoint, prefix)
+        return unwrapped, refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
+    unwrapped = unwrap(checkpoint, prefix)
+    return unwrapped, refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
 
 
 # =====================================================================================
@@ -184,23 +190,6 @@ def detect_v2_format(checkpoint: Mapping) -> str:
 # =====================================================================================
 _ATTN_NAMES = ('qkv.weight', 'q_bias', 'v_bias', 'logit_scale', TABLE)
 _ATTN_PREFIXES = ('cpb_mlp.', 'proj.')
-_OFFICIAL_MLP = {'mlp.fc1.': 'ffn.layers.0.0.', 'mlp.fc2.': 'ffn.layers.1.'}
-_TV_MLP = {'mlp.0.': 'ffn.layers.0.0.', 'mlp.3.': 'ffn.layers.1.'}
-
-
-def _set_aside_v2(key: str, out: MappedState, head_reason: Callable[[str], str]) -> bool:
-    """Keys every V2 layout leaves out: rebuilt buffers, a zero k bias and classifier heads."""
-    last = key.rsplit('.', 1)[-1]
-    if last in REBUILT_BUFFERS:
-        out.unused[key] = REASON_BUFFER
-        return True
-    if last == 'k_bias':
-        out.unused[key] = REASON_K_BIAS_BUFFER
-        return True
-    if key.startswith('head.'):
-        out.unused[key] = head_reason(key)
-        return True
-    return False
 
 
 def _v2_block_suffix(suffix: str, mlp: Mapping[str, str]) -> Optional[str]:
@@ -221,80 +210,43 @@ def _v2_block_suffix(suffix: str, mlp: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-def _put_block(out: MappedState, key: str, stage: int, block: str, suffix: str,
-               mlp: Mapping[str, str], value: Tensor) -> None:
-    ours = _v2_block_suffix(suffix, mlp)
-    if ours is None:
-        out.unused[key] = 'unknown block parameter'
-    else:
-        out.put(f'stages.{stage}.blocks.{block}.{ours}', key, value)
-
-
-def _put_merging(out: MappedState, key: str, stage: int, name: str, value: Tensor,
-                 concat_order: bool) -> None:
-    """A PatchMerging tensor of stage ``stage`` (its end); ``name`` ``reduction.weight`` /
-    ``norm.weight`` / ``norm.bias``. Only the reduction of a concat-order source is reordered."""
-    ours = f'stages.{stage}.downsample.{name}'
-    if stage < 0:
-        out.unused[key] = 'downsample before the first stage (unexpected)'
-    elif concat_order and name == 'reduction.weight':
-        out.put(ours, key, official_to_unfold_reduction(value))
+def _put_concat_merging(out: MappedState, ours: str, src: str, value: Tensor) -> None:
+    """V2 PatchMerging: only the reduction is reordered (the norm follows it, 2C wide)."""
+    if ours.endswith('reduction.weight'):
+        out.put(ours, src, official_to_unfold_reduction(value))
         out.converted[ours] = REASON_REORDER_V2
     else:
-        out.put(ours, key, value)
+        out.put(ours, src, value)
 
 
-_OFFICIAL_BLOCK_KEY = re.compile(r'^layers[._](\d+)\.blocks\.(\d+)\.(.+)$')
-_OFFICIAL_MERGING_KEY = re.compile(
-    r'^layers[._](\d+)\.downsample\.((?:reduction|norm)\.(?:weight|bias))$')
-_OUTPUT_NORM_KEY = re.compile(r'^norm\d+\.(weight|bias)$')
+def _put_mask_token(out: MappedState, key: str, value: Tensor) -> bool:
+    if key != 'mask_token':
+        return False
+    out.unused[key] = 'SimMIM mask token (pre-training only)'
+    return True
 
 
-def _map_official_family(state: Mapping[str, Tensor], downsample_offset: int) -> MappedState:
-    """``layers.i`` (timm ``features_only``: ``layers_i``), ``attn.qkv``, ``mlp.fc1``;
-    ``downsample_offset`` is the stage of ``layers.i.downsample`` relative to i (0: it ends
-    stage i, official; -1: it starts it, timm)."""
-    out, head = MappedState(), _head_reason(state)
-    for key, value in state.items():
-        if _set_aside_v2(key, out, head):
-            continue
-        if key.startswith('patch_embed.'):
-            out.put(key.replace('patch_embed.proj.', 'patch_embed.projection.'), key, value)
-        elif m := _OFFICIAL_BLOCK_KEY.match(key):
-            _put_block(out, key, int(m.group(1)), m.group(2), m.group(3), _OFFICIAL_MLP, value)
-        elif m := _OFFICIAL_MERGING_KEY.match(key):
-            _put_merging(out, key, int(m.group(1)) + downsample_offset, m.group(2), value,
-                         concat_order=True)
-        elif _OUTPUT_NORM_KEY.match(key):
-            out.put(key, key, value)
-        elif key.startswith('norm.'):
-            out.unused[key] = REASON_FINAL_NORM
-        elif key == 'mask_token':
-            out.unused[key] = 'SimMIM mask token (pre-training only)'
-        else:
-            out.unused[key] = 'not a Swin V2 backbone tensor'
-    return out
+#: What Swin V2 changes in the naming families (see :mod:`.mapping`); its coordinate tables pass
+#: through (the loader fits them), a zero ``k_bias`` buffer is left out.
+V2 = Dialect(block_suffix=_v2_block_suffix, put_concat_merging=_put_concat_merging,
+             set_aside={**{name: REASON_BUFFER for name in REBUILT_BUFFERS},
+                        'k_bias': REASON_K_BIAS_BUFFER},
+             not_backbone='not a Swin V2 backbone tensor', extra_official_key=_put_mask_token)
 
 
 def map_official_v2(state: Mapping[str, Tensor]) -> MappedState:
     """microsoft/Swin-Transformer V2: downsample at the end of its stage."""
-    return _map_official_family(state, downsample_offset=0)
+    return map_official_family(state, V2, downsample_offset=0)
 
 
 def map_simmim_v2(state: Mapping[str, Tensor]) -> MappedState:
     """SimMIM pre-training (``encoder.`` already removed): the official naming."""
-    return _map_official_family(state, downsample_offset=0)
+    return map_official_family(state, V2, downsample_offset=0)
 
 
 def map_timm_v2(state: Mapping[str, Tensor]) -> MappedState:
     """timm ``swinv2_*``: ``layers.i.downsample`` (i >= 1) ends our stage i - 1."""
-    return _map_official_family(state, downsample_offset=-1)
-
-
-_TV_PATCH_EMBED = {'0.weight': 'patch_embed.projection.weight',
-                   '0.bias': 'patch_embed.projection.bias',
-                   '2.weight': 'patch_embed.norm.weight', '2.bias': 'patch_embed.norm.bias'}
-_TV_FEATURE = re.compile(r'^features\.(\d+)\.(.+)$')
+    return map_official_family(state, V2, downsample_offset=-1)
 
 
 def _split_tv_qkv_bias(out: MappedState, key: str, stage: int, block: str, bias: Tensor) -> None:
@@ -312,67 +264,19 @@ def _split_tv_qkv_bias(out: MappedState, key: str, stage: int, block: str, bias:
 
 
 def map_torchvision_v2(state: Mapping[str, Tensor]) -> MappedState:
-    """``features.0`` patch embedding, ``features.{2i+1}`` stage i, ``features.{2i+2}`` merging."""
-    out, head = MappedState(), _head_reason(state)
-    for key, value in state.items():
-        if _set_aside_v2(key, out, head):
-            continue
-        m = _TV_FEATURE.match(key)
-        if m is None:
-            out.unused[key] = (REASON_FINAL_NORM if key.startswith('norm.')
-                               else 'not a Swin V2 backbone tensor')
-            continue
-        index, rest = int(m.group(1)), m.group(2)
-        if index == 0:  # Sequential(Conv2d, Permute, LayerNorm)
-            if rest in _TV_PATCH_EMBED:
-                out.put(_TV_PATCH_EMBED[rest], key, value)
-            else:
-                out.unused[key] = 'not a Swin V2 backbone tensor'
-        elif index % 2 == 1:  # stage (index - 1) // 2: a Sequential of blocks
-            block, _, suffix = rest.partition('.')
-            stage = (index - 1) // 2
-            if not block.isdigit():
-                out.unused[key] = 'unknown block parameter'
-            elif suffix == 'attn.qkv.bias':
-                _split_tv_qkv_bias(out, key, stage, block, value)
-            else:
-                _put_block(out, key, stage, block, suffix, _TV_MLP, value)
-        elif rest in ('reduction.weight', 'norm.weight', 'norm.bias'):  # ends stage index//2 - 1
-            _put_merging(out, key, index // 2 - 1, rest, value, concat_order=True)
-        else:
-            out.unused[key] = 'unknown PatchMerging parameter'
-    return out
-
-
-_NATIVE_MERGING_KEY = re.compile(r'^stages\.(\d+)\.downsample\.(.+)$')
-
-
-def _map_native_family(state: Mapping[str, Tensor], downsample_offset: int) -> MappedState:
-    out, head = MappedState(), _head_reason(state)
-    for key, value in state.items():
-        if _set_aside_v2(key, out, head):
-            continue
-        m = _NATIVE_MERGING_KEY.match(key)
-        if m and downsample_offset:
-            stage = int(m.group(1)) + downsample_offset
-            _put_merging(out, key, stage, m.group(2), value, concat_order=False)
-            if stage >= 0:
-                out.converted[f'stages.{stage}.downsample.{m.group(2)}'] = REASON_MOVED_V2
-        elif key.startswith('norm.'):
-            out.unused[key] = REASON_FINAL_NORM
-        else:
-            out.put(key, key, value)
-    return out
+    """``features.0`` patch embedding, ``features.{2i+1}`` stage i, ``features.{2i+2}`` merging;
+    the fused ``qkv.bias`` is split into ``q_bias`` / ``v_bias``."""
+    return map_torchvision_family(state, V2, put_qkv_bias=_split_tv_qkv_bias)
 
 
 def map_native_v2(state: Mapping[str, Tensor]) -> MappedState:
     """Ours: names and order already match; rebuilt buffers and heads are left out."""
-    return _map_native_family(state, downsample_offset=0)
+    return map_native_family(state, V2)
 
 
 def map_mmpretrain_v2(state: Mapping[str, Tensor]) -> MappedState:
     """mmpretrain ``SwinTransformerV2``: ``stages.i.downsample`` (i >= 1) ends our stage i - 1."""
-    return _map_native_family(state, downsample_offset=-1)
+    return map_native_family(state, V2, downsample_offset=-1, moved_reason=REASON_MOVED_V2)
 
 
 #: The mapper of each V2 format.

@@ -17,7 +17,8 @@ grid when the grid differs.
 
 Swin V2 models (a SwinV2Backbone, recognised by its attributes and parameter names) take the
 same entry points: the V2 layouts are detected, mapped and their coordinate tables fitted by
-:mod:`.formats_v2` and :mod:`.load_v2`.
+:mod:`.formats_v2` and :mod:`.load_v2`. Both versions check the mapped tensors against the model
+with the one loop of :mod:`.conversion`; V1's resizing is the :class:`_Resize` fitting here.
 
 Nothing here imports the backbone: the model is always given, and read through its state dict
 and a few attributes (``embed_dims``, ``depths``, ``num_heads``, ``window_size``,
@@ -28,8 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from ..arch import ARCH_SETTINGS
-from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, REASON_OUTPUT_NORM, Unwrapped,
-                      detect_layout, refine_format, unwrap)
-from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_v2
+from .conversion import (Fitting, block_tensors, convert_mapped, stem_and_depths,
+                         with_variant_name)
+from .formats import (BUFFER_NAMES, MAPPERS, REASON_BUFFER, Unwrapped, detect_layout,
+                      refine_format)
+from .formats_v2 import detect_v2_layout, is_v2_state, refine_v2_format, unwrap_and_detect
 from .io import read_checkpoint
 from .load_v2 import convert_v2, infer_arch_v2, is_v2_model, kept_tables
 from .report import LoadReport
@@ -87,14 +88,6 @@ def resize_absolute_pos_embed(pos: Tensor, src_grid: tuple, dst_grid: tuple) -> 
 # =====================================================================================
 # Architecture of a (mapped) state dict, and of a model
 # =====================================================================================
-def _variant_name(arch: Mapping) -> Optional[str]:
-    for name, setting in ARCH_SETTINGS.items():
-        if (setting['embed_dims'], tuple(setting['depths']), tuple(setting['num_heads'])) == \
-                (arch['embed_dims'], arch['depths'], arch['num_heads']):
-            return name
-    return None
-
-
 def infer_arch(state: Mapping[str, Tensor]) -> dict:
     """SwinBackbone keyword arguments that fit a state dict in our layout.
 
@@ -105,28 +98,16 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict:
     """
     if is_v2_state(state):
         return infer_arch_v2(state)
-    proj = state.get('patch_embed.projection.weight')
-    if proj is None or proj.dim() != 4:
-        raise ValueError('cannot infer the architecture: no patch_embed.projection.weight')
-    embed_dims, in_channels, patch, _ = proj.shape
-    depth: dict[int, int] = defaultdict(int)
+    embed_dims, in_channels, patch, depths = stem_and_depths(state)
     heads: dict[int, int] = {}
     window = None
-    for key, value in state.items():
-        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.', key)
-        if not m:
-            continue
-        i, j = int(m.group(1)), int(m.group(2))
-        depth[i] = max(depth[i], j + 1)
+    for stage, _, key, value in block_tensors(state):
         if key.endswith('relative_position_bias_table') and value.dim() == 2:
-            heads[i] = value.shape[1]
+            heads[stage] = value.shape[1]
             window = (math.isqrt(value.shape[0]) + 1) // 2
-    stages = sorted(depth)
-    if not stages or stages != list(range(len(stages))):
-        raise ValueError(f'cannot infer the architecture: stages {stages}')
-    arch = dict(embed_dims=int(embed_dims), depths=tuple(depth[i] for i in stages),
-                num_heads=tuple(heads.get(i, 0) for i in stages), window_size=window,
-                patch_size=int(patch), in_channels=int(in_channels),
+    arch = dict(embed_dims=embed_dims, depths=depths,
+                num_heads=tuple(heads.get(i, 0) for i in range(len(depths))), window_size=window,
+                patch_size=patch, in_channels=in_channels,
                 patch_norm='patch_embed.norm.weight' in state,
                 qkv_bias='stages.0.blocks.0.attn.w_msa.qkv.bias' in state)
     fc1 = state.get('stages.0.blocks.0.ffn.layers.0.0.weight')
@@ -136,21 +117,15 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict:
     arch['use_abs_pos_embed'] = pos is not None
     if pos is not None:
         side = math.isqrt(pos.shape[1])
-        arch['pretrain_img_size'] = side * int(patch)
-    name = _variant_name(arch)
-    if name is not None:
-        arch['arch'] = name
-    return arch
+        arch['pretrain_img_size'] = side * patch
+    return with_variant_name(arch)
 
 
 def _model_arch(model: nn.Module) -> Optional[dict]:
     if all(hasattr(model, a) for a in ('embed_dims', 'depths', 'num_heads', 'window_size')):
-        arch = dict(embed_dims=model.embed_dims, depths=tuple(model.depths),
-                    num_heads=tuple(model.num_heads), window_size=model.window_size)
-        name = _variant_name(arch)
-        if name is not None:
-            arch['arch'] = name
-        return arch
+        return with_variant_name(dict(embed_dims=model.embed_dims, depths=tuple(model.depths),
+                                      num_heads=tuple(model.num_heads),
+                                      window_size=model.window_size))
     return None
 
 
@@ -165,86 +140,51 @@ def _model_grid(model: nn.Module, length: int) -> tuple:
 # =====================================================================================
 # Conversion (pure: reads the model, never changes it)
 # =====================================================================================
-def _fit(key: str, value: Tensor, target: Tensor, pos_grid: Optional[tuple], model: nn.Module,
-         report: LoadReport) -> Tensor:
-    """``value`` resized to ``target``'s shape where a resize is defined (else unchanged)."""
-    if key.endswith('relative_position_bias_table') and value.dim() == 2 \
-            and value.shape[1] == target.shape[1] \
-            and math.isqrt(value.shape[0]) ** 2 == value.shape[0] \
-            and math.isqrt(target.shape[0]) ** 2 == target.shape[0]:
-        m1 = (math.isqrt(value.shape[0]) + 1) // 2
-        m2 = (math.isqrt(target.shape[0]) + 1) // 2
-        new = resize_relative_position_bias_table(value, m2)
-        report.resized[key] = (f'{tuple(value.shape)} -> {tuple(new.shape)}, '
-                               f'window {m1} -> {m2}, bicubic per head')
-        return new
-    if key == 'absolute_pos_embed' and value.dim() == 3 and target.dim() == 3 \
-            and value.shape[2] == target.shape[2]:
-        src_grid = pos_grid or (math.isqrt(value.shape[1]),) * 2
-        dst_grid = _model_grid(model, target.shape[1])
-        if src_grid[0] * src_grid[1] == value.shape[1] and \
-                dst_grid[0] * dst_grid[1] == target.shape[1]:
-            report.resized[key] = f'grid {tuple(src_grid)} -> {tuple(dst_grid)}, bicubic'
-            return resize_absolute_pos_embed(value, src_grid, dst_grid)
-    return value
+class _Resize(Fitting):
+    """V1: relative-position tables and the absolute position embedding resized to the model."""
 
+    def __init__(self, model: nn.Module, pos_grid: Optional[tuple]):
+        super().__init__(model)
+        self.pos_grid = pos_grid
 
-def _unused_reason(key: str, model: nn.Module) -> str:
-    """Why a mapped tensor the model has no place for is left out."""
-    if re.match(r'^norm\d+\.', key):
-        return (f'per-output norm of an output this model does not produce '
-                f'(out_indices={getattr(model, "out_indices", None)})')
-    if key == 'absolute_pos_embed':
-        return 'absolute position embedding; the model has use_abs_pos_embed=False'
-    if key.startswith(('stages.', 'patch_embed.')):
-        return 'backbone tensor the model lacks (different depths?)'
-    return 'not a tensor of this model'
+    def unused(self, key: str) -> str:
+        if key == 'absolute_pos_embed':
+            return 'absolute position embedding; the model has use_abs_pos_embed=False'
+        return super().unused(key)
+
+    def fit(self, key: str, src: str, value: Tensor, target: Tensor,
+            report: LoadReport) -> Tensor:
+        """``value`` resized to ``target``'s shape where a resize is defined (else unchanged)."""
+        if value.shape == target.shape:
+            return value
+        if key.endswith('relative_position_bias_table') and value.dim() == 2 \
+                and value.shape[1] == target.shape[1] \
+                and math.isqrt(value.shape[0]) ** 2 == value.shape[0] \
+                and math.isqrt(target.shape[0]) ** 2 == target.shape[0]:
+            m1 = (math.isqrt(value.shape[0]) + 1) // 2
+            m2 = (math.isqrt(target.shape[0]) + 1) // 2
+            new = resize_relative_position_bias_table(value, m2)
+            report.resized[key] = (f'{tuple(value.shape)} -> {tuple(new.shape)}, '
+                                   f'window {m1} -> {m2}, bicubic per head')
+            return new
+        if key == 'absolute_pos_embed' and value.dim() == 3 and target.dim() == 3 \
+                and value.shape[2] == target.shape[2]:
+            src_grid = self.pos_grid or (math.isqrt(value.shape[1]),) * 2
+            dst_grid = _model_grid(self.model, target.shape[1])
+            if src_grid[0] * src_grid[1] == value.shape[1] and \
+                    dst_grid[0] * dst_grid[1] == target.shape[1]:
+                report.resized[key] = f'grid {tuple(src_grid)} -> {tuple(dst_grid)}, bicubic'
+                return resize_absolute_pos_embed(value, src_grid, dst_grid)
+        return value
 
 
 def _convert(unwrapped: Unwrapped, fmt: str, model: nn.Module, source: str
              ) -> tuple['OrderedDict[str, Tensor]', LoadReport, dict]:
     """Map, resize and check shapes; returns (our state, report, our key -> source key)."""
     mapped = MAPPERS[fmt](unwrapped.state)
-    report = LoadReport(source=str(source), format=fmt, notes=list(unwrapped.notes),
-                        unused=dict(unwrapped.unused), converted=dict(mapped.converted))
-    report.unused.update(mapped.unused)
-    try:
-        report.checkpoint_arch = infer_arch(mapped.tensors)
-    except ValueError:
-        report.checkpoint_arch = None
-    report.model_arch = _model_arch(model)
-
-    targets = OrderedDict((k, v) for k, v in model.state_dict().items()
-                          if k.rsplit('.', 1)[-1] not in BUFFER_NAMES)
-    report.total = len(targets)
-    result = OrderedDict()
-    for key, value in mapped.tensors.items():
-        src = mapped.origin[key]
-        if key not in targets:
-            report.unused[src] = _unused_reason(key, model)
-            if key.startswith(('stages.', 'patch_embed.')):
-                report.unexpected.append(key)
-            report.converted.pop(key, None)
-            continue
-        target = targets[key]
-        if value.shape != target.shape:
-            value = _fit(key, value, target, mapped.pos_grid, model, report)
-        if value.shape != target.shape:
-            report.mismatched[key] = (tuple(value.shape), tuple(target.shape))
-            report.unused[src] = 'shape does not fit the model'
-            report.converted.pop(key, None)
-            continue
-        result[key] = value
-        report.loaded.append(key)
-
-    for key in targets:
-        if key in result or key in report.mismatched:
-            continue
-        if re.match(r'^norm\d+\.(weight|bias)$', key):
-            report.missing[key] = REASON_OUTPUT_NORM
-        else:
-            report.missing[key] = 'backbone tensor absent from the checkpoint'
-    return result, report, mapped.origin
+    return convert_mapped(unwrapped, fmt, mapped, model, source, rebuilt=BUFFER_NAMES,
+                          fitting=_Resize(model, mapped.pos_grid), infer_arch=infer_arch,
+                          model_arch=_model_arch(model), model_name='SwinBackbone')
 
 
 def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[str] = None,
@@ -263,14 +203,9 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, prefix: Optional[s
         prefix: keep only the keys under this prefix (e.g. ``'backbone.'``), as mmengine does.
         source: name of the checkpoint, for the report.
     """
-    if is_v2_model(model):
-        unwrapped = unwrap_v2(checkpoint, prefix)
-        fmt = refine_v2_format(detect_v2_layout(unwrapped.state.keys()), unwrapped)
-        result, report, _ = convert_v2(unwrapped, fmt, model, source)
-        return result, report
-    unwrapped = unwrap(checkpoint, prefix)
-    fmt = refine_format(detect_layout(unwrapped.state.keys()), unwrapped)
-    result, report, _ = _convert(unwrapped, fmt, model, source)
+    v2 = is_v2_model(model)
+    unwrapped, fmt = unwrap_and_detect(checkpoint, prefix, v2=v2)
+    result, report, _ = (convert_v2 if v2 else _convert)(unwrapped, fmt, model, source)
     return result, report
 
 
@@ -397,12 +332,8 @@ def convert_state_dict_on_load(module: nn.Module, state_dict: dict, prefix: str,
     unwrapped = Unwrapped(local, {}, [], had_backbone_prefix=bool(prefix))
     source = (f'the state dict loaded into the model (keys under {prefix!r})' if prefix
               else 'the state dict given to load_state_dict')
-    if v2:
-        state, report, origin = convert_v2(unwrapped, refine_v2_format(layout, unwrapped),
-                                           module, source)
-    else:
-        state, report, origin = _convert(unwrapped, refine_format(layout, unwrapped), module,
-                                         source)
+    fmt = (refine_v2_format if v2 else refine_format)(layout, unwrapped)
+    state, report, origin = (convert_v2 if v2 else _convert)(unwrapped, fmt, module, source)
     report.check(allow_missing=True)
 
     consumed = {origin[k] for k in state}

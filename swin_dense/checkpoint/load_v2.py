@@ -15,6 +15,9 @@ The :class:`LoadReport` says, per stage, which P the tables use and where it cam
 P that contradicts a non-zero ``model.pretrained_window_sizes`` entry is a warning (the file
 wins: its MLP was trained with it).
 
+The loop that checks every tensor against the model is :func:`.conversion.convert_mapped`,
+shared with Swin V1; what is V2's here is its :class:`_Tables` fitting.
+
 Nothing here imports the backbone: the model is read through its ``state_dict()`` and a few
 attributes (``embed_dims``, ``depths``, ``num_heads``, ``window_sizes``,
 ``pretrained_window_sizes``).
@@ -29,9 +32,10 @@ from typing import Optional
 import torch.nn as nn
 from torch import Tensor
 
-from ..arch import ARCH_SETTINGS
 from ..ops.continuous_bias import coords_table, pretrained_window_from_table, table_window_size
-from .formats import REASON_OUTPUT_NORM, Unwrapped
+from .conversion import (Fitting, block_tensors, convert_mapped, stem_and_depths,
+                         with_variant_name)
+from .formats import Unwrapped
 from .formats_v2 import MAPPERS_V2, REASON_TABLE_KEPT, REBUILT_BUFFERS, TABLE
 from .report import LoadReport
 
@@ -45,14 +49,6 @@ def is_v2_model(model: nn.Module) -> bool:
     if hasattr(model, 'pretrained_window_sizes'):
         return True
     return any(k.endswith(('.logit_scale', '.cpb_mlp.0.weight')) for k in model.state_dict())
-
-
-def _variant_name(embed_dims: int, depths: tuple, num_heads: tuple) -> Optional[str]:
-    for name, setting in ARCH_SETTINGS.items():
-        if (setting['embed_dims'], tuple(setting['depths']), tuple(setting['num_heads'])) == \
-                (embed_dims, tuple(depths), tuple(num_heads)):
-            return name
-    return None
 
 
 def _per_stage(values: list):
@@ -70,30 +66,19 @@ def infer_arch_v2(state: Mapping[str, Tensor]) -> dict:
     in_channels=3, mlp_ratio=4.0, version=2)``; ``window_size`` / ``pretrained_window_sizes``
     from the coordinate tables (None without tables), ``arch`` only for a published shape.
     """
-    proj = state.get('patch_embed.projection.weight')
-    if proj is None or proj.dim() != 4:
-        raise ValueError('cannot infer the architecture: no patch_embed.projection.weight')
-    embed_dims, in_channels, patch, _ = proj.shape
-    depth: dict[int, int] = defaultdict(int)
+    embed_dims, in_channels, patch, depths = stem_and_depths(state)
     heads: dict[int, int] = {}
     tables: dict[int, Tensor] = {}
-    for key, value in state.items():
-        m = _BLOCK.match(key)
-        if not m:
-            continue
-        i, j = int(m.group(1)), int(m.group(2))
-        depth[i] = max(depth[i], j + 1)
+    for stage, block, key, value in block_tensors(state):
         if key.endswith('attn.w_msa.logit_scale') and value.dim() >= 1:
-            heads[i] = value.shape[0]
-        elif key.endswith(TABLE) and j == 0:
-            tables[i] = value
-    stages = sorted(depth)
-    if not stages or stages != list(range(len(stages))):
-        raise ValueError(f'cannot infer the architecture: stages {stages}')
-    arch = dict(embed_dims=int(embed_dims), depths=tuple(depth[i] for i in stages),
+            heads[stage] = value.shape[0]
+        elif key.endswith(TABLE) and block == 0:
+            tables[stage] = value
+    stages = list(range(len(depths)))
+    arch = dict(embed_dims=embed_dims, depths=depths,
                 num_heads=tuple(heads.get(i, 0) for i in stages), window_size=None,
-                pretrained_window_sizes=None, patch_size=int(patch),
-                in_channels=int(in_channels), version=2)
+                pretrained_window_sizes=None, patch_size=patch, in_channels=in_channels,
+                version=2)
     if sorted(tables) == stages:
         try:
             arch['window_size'] = _per_stage([table_window_size(tables[i]) for i in stages])
@@ -104,24 +89,17 @@ def infer_arch_v2(state: Mapping[str, Tensor]) -> dict:
     fc1 = state.get('stages.0.blocks.0.ffn.layers.0.0.weight')
     if fc1 is not None:
         arch['mlp_ratio'] = fc1.shape[0] / embed_dims
-    name = _variant_name(arch['embed_dims'], arch['depths'], arch['num_heads'])
-    if name is not None:
-        arch['arch'] = name
-    return arch
+    return with_variant_name(arch)
 
 
 def _model_arch(model: nn.Module) -> Optional[dict]:
     if not all(hasattr(model, a) for a in ('embed_dims', 'depths', 'num_heads')):
         return None
     windows = getattr(model, 'window_sizes', getattr(model, 'window_size', None))
-    arch = dict(embed_dims=model.embed_dims, depths=tuple(model.depths),
-                num_heads=tuple(model.num_heads),
-                window_size=_per_stage(list(windows)) if isinstance(windows, (list, tuple))
-                else windows, version=2)
-    name = _variant_name(arch['embed_dims'], arch['depths'], arch['num_heads'])
-    if name is not None:
-        arch['arch'] = name
-    return arch
+    return with_variant_name(dict(
+        embed_dims=model.embed_dims, depths=tuple(model.depths), num_heads=tuple(model.num_heads),
+        window_size=_per_stage(list(windows)) if isinstance(windows, (list, tuple)) else windows,
+        version=2))
 
 
 def _model_pretrained_window(model: nn.Module, stage: int) -> int:
@@ -133,24 +111,19 @@ def _model_pretrained_window(model: nn.Module, stage: int) -> int:
         return 0
 
 
-def _unused_reason(key: str, model: nn.Module) -> str:
-    if re.match(r'^norm\d+\.', key):
-        return (f'per-output norm of an output this model does not produce '
-                f'(out_indices={getattr(model, "out_indices", None)})')
-    if key.startswith(('stages.', 'patch_embed.')):
-        return 'backbone tensor the model lacks (different depths?)'
-    return 'not a tensor of this model'
-
-
-class _Tables:
+class _Tables(Fitting):
     """What happened to each block's coordinate table: (stage, window, P, source)."""
 
     def __init__(self, model: nn.Module, source: str):
-        self.model, self.source = model, source
+        super().__init__(model)
+        self.source = source
         self.used: dict[int, set] = defaultdict(set)
 
-    def from_file(self, key: str, src_key: str, value: Tensor, target: Tensor,
-                  report: LoadReport) -> Tensor:
+    def fit(self, key: str, src: str, value: Tensor, target: Tensor,
+            report: LoadReport) -> Tensor:
+        """A file's coordinate table, rebuilt for the model's window when it differs."""
+        if not key.endswith(TABLE):
+            return value
         stage = int(_BLOCK.match(key).group(1))
         if value.dim() != 4 or target.dim() != 4:
             return value  # a shape error, reported as a mismatch by the caller
@@ -158,7 +131,7 @@ class _Tables:
             pretrained = pretrained_window_from_table(value)
             window, file_window = table_window_size(target), table_window_size(value)
         except ValueError as error:
-            raise ValueError(f'checkpoint {self.source}: {src_key}: {error}. Nothing was loaded'
+            raise ValueError(f'checkpoint {self.source}: {src}: {error}. Nothing was loaded'
                              ) from error
         if value.shape == target.shape:
             where = 'file table'
@@ -177,13 +150,18 @@ class _Tables:
                 f'={given}; the file\'s {pretrained} is used, as its position MLP needs it')
         return value
 
-    def kept(self, key: str, target: Tensor) -> None:
+    def missing(self, key: str, target: Tensor) -> Optional[str]:
+        """A table the file lacks: the model keeps its own (recorded, and expected)."""
+        if not key.endswith(TABLE):
+            return None
         stage = int(_BLOCK.match(key).group(1))
         self.used[stage].add((table_window_size(target), pretrained_window_from_table(target),
                               "model's pretrained_window_sizes: the file has no coordinate "
                               'tables'))
+        return REASON_TABLE_KEPT
 
-    def summarise(self, report: LoadReport) -> None:
+    def finish(self, report: LoadReport) -> None:
+        """Per stage, the pretrained window its tables use and where it came from."""
         for stage, used in sorted(self.used.items()):
             window, pretrained, where = sorted(used)[0]
             report.pretrained_windows[stage] = dict(window=window, pretrained=pretrained,
@@ -206,53 +184,10 @@ def convert_v2(unwrapped: Unwrapped, fmt: str, model: nn.Module, source: str
     Raises:
         ValueError: a file table that is not a Swin V2 coordinate table.
     """
-    mapped = MAPPERS_V2[fmt](unwrapped.state)
-    report = LoadReport(source=str(source), format=fmt, notes=list(unwrapped.notes),
-                        unused=dict(unwrapped.unused), converted=dict(mapped.converted),
-                        model_name=type(model).__name__)
-    report.unused.update(mapped.unused)
-    try:
-        report.checkpoint_arch = infer_arch_v2(mapped.tensors)
-    except ValueError:
-        report.checkpoint_arch = None
-    report.model_arch = _model_arch(model)
-
-    targets = OrderedDict((k, v) for k, v in model.state_dict().items()
-                          if k.rsplit('.', 1)[-1] not in REBUILT_BUFFERS)
-    report.total = len(targets)
-    tables = _Tables(model, str(source))
-    result = OrderedDict()
-    for key, value in mapped.tensors.items():
-        src = mapped.origin[key]
-        if key not in targets:
-            report.unused[src] = _unused_reason(key, model)
-            if key.startswith(('stages.', 'patch_embed.')):
-                report.unexpected.append(key)
-            report.converted.pop(key, None)
-            continue
-        target = targets[key]
-        if key.endswith(TABLE):
-            value = tables.from_file(key, src, value, target, report)
-        if value.shape != target.shape:
-            report.mismatched[key] = (tuple(value.shape), tuple(target.shape))
-            report.unused[src] = 'shape does not fit the model'
-            report.converted.pop(key, None)
-            continue
-        result[key] = value
-        report.loaded.append(key)
-
-    for key, target in targets.items():
-        if key in result or key in report.mismatched:
-            continue
-        if re.match(r'^norm\d+\.(weight|bias)$', key):
-            report.missing[key] = REASON_OUTPUT_NORM
-        elif key.endswith(TABLE):
-            report.missing[key] = REASON_TABLE_KEPT
-            tables.kept(key, target)
-        else:
-            report.missing[key] = 'backbone tensor absent from the checkpoint'
-    tables.summarise(report)
-    return result, report, mapped.origin
+    return convert_mapped(unwrapped, fmt, MAPPERS_V2[fmt](unwrapped.state), model, source,
+                          rebuilt=REBUILT_BUFFERS, fitting=_Tables(model, str(source)),
+                          infer_arch=infer_arch_v2, model_arch=_model_arch(model),
+                          model_name=type(model).__name__)
 
 
 def kept_tables(report: LoadReport, model: nn.Module) -> 'OrderedDict[str, Tensor]':
