@@ -18,7 +18,6 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.logging import print_log
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
@@ -230,17 +229,7 @@ class SwinBackbone(SwinPyramid):
             if name.endswith('relative_position_bias_table'):
                 trunc_normal_(param, std=0.02)
 
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from .checkpoint import load_pretrained  # lazy: only needed when loading
-            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
-        elif cfg is None:
-            print_log(f'{type(self).__name__}: no pretrained weights (init_cfg is None), '
-                      'training starts from a random initialisation', logger='current')
-        else:
-            raise ValueError(f"SwinBackbone supports init_cfg=dict(type='Pretrained', "
-                             f'checkpoint=PATH) or None, got {cfg!r}')
-        self._is_init = True
+        self.load_init_cfg()
 
     def _position_embedding(self, hw: tuple[int, int]) -> Tensor:
         """``(1, H*W, C)`` absolute embedding, bicubically resized from the pretraining grid."""

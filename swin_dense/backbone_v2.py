@@ -18,7 +18,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from mmengine.logging import print_log
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 
@@ -175,14 +174,4 @@ class SwinV2Backbone(SwinPyramid):
                     nn.init.zeros_(module.q_bias)
                     nn.init.zeros_(module.v_bias)
 
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from .checkpoint import load_pretrained  # lazy: only needed when loading
-            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
-        elif cfg is None:
-            print_log(f'{type(self).__name__}: no pretrained weights (init_cfg is None), '
-                      'training starts from a random initialisation', logger='current')
-        else:
-            raise ValueError(f"SwinV2Backbone supports init_cfg=dict(type='Pretrained', "
-                             f'checkpoint=PATH) or None, got {cfg!r}')
-        self._is_init = True
+        self.load_init_cfg()

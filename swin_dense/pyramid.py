@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor
 
@@ -93,6 +94,22 @@ class SwinPyramid(BaseModule):
             module.eval()
             for param in module.parameters():
                 param.requires_grad = False
+
+    def load_init_cfg(self) -> None:
+        """Load the ``init_cfg`` weights (``dict(type='Pretrained', checkpoint=PATH)``) through
+        :func:`swin_dense.checkpoint.load_pretrained`, or say that training starts from the
+        random initialisation (``init_cfg=None``)."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from .checkpoint import load_pretrained  # lazy: only needed when loading
+            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
+        elif cfg is None:
+            print_log(f'{type(self).__name__}: no pretrained weights (init_cfg is None), '
+                      'training starts from a random initialisation', logger='current')
+        else:
+            raise ValueError(f"{type(self).__name__} supports init_cfg=dict(type='Pretrained', "
+                             f'checkpoint=PATH) or None, got {cfg!r}')
+        self._is_init = True
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: Tensor) -> None:

@@ -25,7 +25,7 @@ pytest.importorskip('mmseg')
 from mmengine.config import Config  # noqa: E402
 from mmengine.model import revert_sync_batchnorm  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
+from toolkits import toolkit_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -51,18 +51,6 @@ ZOO = [
     'mask_rcnn/swinv2_t_coco.py',
     'upernet/swinv2_b_ade20k.py',
 ]
-
-
-def _registry(scope: str):
-    init_default_scope(scope)
-    if scope == 'mmdet':
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-    else:
-        from mmseg.registry import MODELS
-        from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    return MODELS
 
 
 def _small(cfg: Config, size: int) -> None:
@@ -107,7 +95,7 @@ def test_one_training_iteration_and_one_test_forward(name):
         pytest.skip(f'{cfg.model.backbone.type} is not in swin_dense yet')
     size = IMAGE_SIZE_FOR.get(name, IMAGE_SIZE)
     _small(cfg, size)
-    models = _registry(cfg.default_scope)
+    models = toolkit_models(cfg.default_scope)
     torch.manual_seed(0)
     model = models.build(cfg.model)
     model.init_weights()

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
@@ -28,6 +27,7 @@ from mmengine.config import Config  # noqa: E402
 
 import swin_dense  # noqa: E402
 from config_parity import flatten  # noqa: E402
+from toolkits import BackboneHolder, toolkit_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs'
@@ -172,32 +172,11 @@ needs_v2 = pytest.mark.skipif(not hasattr(swin_dense, 'SwinV2Backbone'),
                               reason='SwinV2Backbone is not in swin_dense yet')
 
 
-def _registry(scope: str):
-    from mmengine.registry import init_default_scope
-    init_default_scope(scope)
-    if scope == 'mmdet':
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-    else:
-        from mmseg.registry import MODELS
-        from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    return MODELS
-
-
-class _Holder(nn.Module):
-    """A model with only a ``backbone``: the optimizer rules see 'backbone.*' names."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-
 @needs_v2
 @pytest.mark.parametrize('name', NAMES)
 def test_backbone_builds_with_the_configured_windows_and_widths(loaded, name):
     cfg = loaded[name]
-    backbone = _registry(cfg['default_scope']).build(
+    backbone = toolkit_models(cfg['default_scope']).build(
         dict(cfg['model']['backbone'], init_cfg=None))  # build only: no weights are read
     assert type(backbone).__name__ == 'SwinV2Backbone'
     bb = cfg['model']['backbone']
@@ -218,7 +197,7 @@ def test_weight_decay_rules_reach_our_parameter_names(loaded, name):
 
     cfg = loaded[name]
     small = dict(cfg['model']['backbone'], init_cfg=None, depths=[2, 2, 2, 2])
-    model = _Holder(_registry(cfg['default_scope']).build(small))
+    model = BackboneHolder(toolkit_models(cfg['default_scope']).build(small))
     optimizer = build_optim_wrapper(model, dict(cfg['optim_wrapper'], type='OptimWrapper')).optimizer
     name_of = {id(p): n for n, p in model.named_parameters()}
     decay = {name_of[id(p)]: group['weight_decay']
@@ -272,7 +251,7 @@ def _batch(cfg: Config, size: int = 64) -> dict:
 def test_demo_model_builds_with_a_v2_tiny_backbone(demo):
     """As configured (full size, from scratch); its iterations are in tests/e2e/test_v2_demos.py."""
     cfg = Config.fromfile(str(CONFIGS / demo))
-    model = _registry(cfg.default_scope).build(cfg.model)
+    model = toolkit_models(cfg.default_scope).build(cfg.model)
     backbone = model.backbone
     assert type(backbone).__name__ == 'SwinV2Backbone'
     assert (backbone.embed_dims, tuple(backbone.depths)) == (96, (2, 2, 6, 2))
@@ -289,7 +268,7 @@ def test_model_builds_and_takes_one_training_step(name):
     cfg = Config.fromfile(str(CONFIGS / name))
     _tiny_model_cfg(cfg)
     torch.manual_seed(0)
-    model = revert_sync_batchnorm(_registry(cfg.default_scope).build(cfg.model))
+    model = revert_sync_batchnorm(toolkit_models(cfg.default_scope).build(cfg.model))
     model.init_weights()
     assert type(model.backbone).__name__ == 'SwinV2Backbone'
     optim_wrapper = build_optim_wrapper(model, dict(cfg.optim_wrapper, type='OptimWrapper'))

@@ -22,6 +22,7 @@ from mmengine.config import Config  # noqa: E402
 
 import swin_dense  # noqa: E402,F401  (registers SwinBackbone)
 from config_parity import flatten  # noqa: E402
+from toolkits import BackboneHolder, toolkit_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs'
@@ -151,25 +152,6 @@ def test_architecture_is_the_published_one(loaded, name):
     assert list(reader['in_channels']) == widths
 
 
-def _backbone_registry(toolkit: str):
-    if toolkit == 'mmdet':
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-    else:
-        from mmseg.registry import MODELS
-        from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    return MODELS
-
-
-class _Holder(nn.Module):
-    """A model with only a ``backbone``: the optimizer rules name parameters 'backbone.*'."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-
 def _per_parameter_settings(model: nn.Module, optim_wrapper: dict) -> dict:
     """``{name: (lr, weight_decay)}`` as the config's optimizer wrapper constructor sets them."""
     from mmengine.optim import build_optim_wrapper
@@ -186,11 +168,11 @@ def _per_parameter_settings(model: nn.Module, optim_wrapper: dict) -> dict:
 @pytest.mark.parametrize('name', NAMES)
 def test_backbone_has_the_reference_parameters_and_optimizer_settings(loaded, name):
     ours, ref = loaded[name]
-    models = _backbone_registry(PAIRS[name][0])
+    models = toolkit_models(PAIRS[name][0], set_default_scope=False)
     built = {}
     for key, cfg in (('ours', ours), ('ref', ref)):
         backbone = models.build(dict(cfg['model']['backbone'], init_cfg=None))  # no weights read
-        built[key] = _Holder(backbone)
+        built[key] = BackboneHolder(backbone)
     assert type(built['ours'].backbone).__name__ == 'SwinBackbone'
     shapes = {key: {n: tuple(p.shape) for n, p in m.named_parameters()}
               for key, m in built.items()}
@@ -218,7 +200,7 @@ def test_retinanet_backbone_parameters_all_reach_the_loss():
     import torch
 
     cfg = Config.fromfile(str(CONFIGS / 'retinanet' / 'swin_t_coco.py'))
-    models = _backbone_registry('mmdet')
+    models = toolkit_models('mmdet', set_default_scope=False)
     torch.manual_seed(0)
     backbone = models.build(dict(cfg.model.backbone, init_cfg=None))
     neck = models.build(cfg.model.neck)

@@ -39,7 +39,7 @@ def test_ops_import_torch_and_earlier_ops_only(name):
 LAYERS_ORDER = {
     'layers': {'ops'},
     'layers_v2': {'ops', 'layers'},
-    'pyramid': {'arch', 'layers'},
+    'pyramid': {'arch', 'layers', 'checkpoint'},
     'backbone': {'arch', 'layers', 'pyramid', 'checkpoint'},
     'backbone_v2': {'arch', 'ops', 'layers', 'layers_v2', 'pyramid', 'checkpoint'},
 }
