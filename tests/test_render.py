@@ -51,7 +51,8 @@ def _edit(path: Path, change) -> None:
 
 def _cpu_fp32(root: Path) -> Path:
     """The newest CPU fp32 results file: the one the README summary shows."""
-    return sorted(p for p in _results(root) if '_cpu_fp32_' in p.name)[-1]
+    shown = render.summary_results(render.load_results(root / 'benchmarks' / 'results'))
+    return next(r.path for r in shown if r.device_kind == 'cpu' and r.amp is None)
 
 
 def test_the_repository_docs_are_up_to_date_with_the_results(repo_copy):

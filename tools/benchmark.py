@@ -171,26 +171,31 @@ def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup
 
 def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, size: int = 2048,
                 repeats: int = 5) -> float:
-    """GEMM rate of this machine in ``dtype``, measured now (best of ``repeats``): on the CPU
-    in fp32 the faster of PyTorch's BLAS and oneDNN (the two libraries the fast path chooses
-    between, see ``swin_dense.ops.gemm``)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    products = [lambda: torch.mm(a, b)]
-    if device == 'cpu' and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        weight = b.t()
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, 'none', [],
-                                                                   ''))
-    best = float('inf')
-    for product in products:
-        product()
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
+    """GEMM rate of this machine in ``dtype``, measured now (best of ``repeats``, over a square
+    product and one shaped like Swin's MLP): on the CPU in fp32 the faster of PyTorch's BLAS and
+    oneDNN (the two libraries the fast path chooses between, see ``swin_dense.ops.gemm``)."""
+    # a square product, and one shaped like Swin's MLP (many tokens, few channels), on which
+    # the libraries' rates differ most
+    shapes = [(size, size, size), (4 * size, size // 4 * 3 // 2, size // 4 * 6)]
+    best_rate = 0.0
+    for rows, inner, cols in shapes:
+        a = torch.randn(rows, inner, device=device, dtype=dtype)
+        b = torch.randn(inner, cols, device=device, dtype=dtype)
+        products = [lambda: torch.mm(a, b)]
+        if device == 'cpu' and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            weight = b.t().contiguous()
+            products.append(lambda: torch.ops.mkldnn._linear_pointwise(
+                a, weight, None, 'none', [], ''))
+        for product in products:
             product()
-            sync(device)
-            best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+            for _ in range(repeats):
+                sync(device)
+                start = time.perf_counter()
+                product()
+                sync(device)
+                best_rate = max(best_rate, 2 * rows * inner * cols
+                                / (time.perf_counter() - start) / 1e9)
+    return best_rate
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
