@@ -121,7 +121,8 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------- attention
 
 @functools.lru_cache(maxsize=16)
-def _cached_relative_position_index(window_size: int, device: torch.device) -> Tensor:
+def cached_relative_position_index(window_size: int, device: torch.device) -> Tensor:
+    """:func:`relative_position_index`, built once per window and device (V1's and V2's bias)."""
     return relative_position_index(window_size, device)
 
 
@@ -134,7 +135,7 @@ def relative_bias(cache: dict, table: Tensor, window_size: int) -> Tensor:
     would make per-window biases ``(nW, h, N, N)`` that stay cached across forwards or are kept
     for backward: more peak memory for no speed.
     """
-    index = _cached_relative_position_index(window_size, table.device)
+    index = cached_relative_position_index(window_size, table.device)
     if torch.is_grad_enabled() and table.requires_grad:
         cache.clear()  # what eval cached is stale once the table trains
         return relative_position_bias(table, window_size, index)

@@ -32,7 +32,7 @@ from .attention import (cosine_heads, cosine_window_attention, logit_scale_facto
                         merge_heads, norm_eps)
 from .chunked_attention import fused_inference_attention
 from .continuous_bias import continuous_position_bias
-from .cpu_fast import _cached_relative_position_index, cpu_fp32, records_grad
+from .cpu_fast import cached_relative_position_index, cpu_fp32, records_grad
 
 
 def continuous_bias(cache: dict, table: Tensor, hidden_weight: Tensor, hidden_bias: Tensor,
@@ -44,7 +44,7 @@ def continuous_bias(cache: dict, table: Tensor, hidden_weight: Tensor, hidden_bi
     a weight of the MLP changes (version counters and storages).
     """
     tensors = (table, hidden_weight, hidden_bias, out_weight)
-    index = _cached_relative_position_index(window_size, table.device)
+    index = cached_relative_position_index(window_size, table.device)
     if records_grad(*tensors):
         cache.clear()  # what eval cached is stale once the MLP trains
         return continuous_position_bias(table, hidden_weight, hidden_bias, out_weight,
