@@ -1,27 +1,34 @@
-"""The fast path's fp32 CPU matrix products, on whichever GEMM library is faster on this machine.
+"""The fast path's fp32 CPU matrix products, on the GEMM library that serves the CPU best.
 
 PyTorch runs ``F.linear`` and ``torch.mm`` in fp32 on the CPU through its BLAS (MKL in the
-official wheels). MKL picks its kernels by CPU vendor: on AMD CPUs with AVX-512 it can run
-at half the rate oneDNN's kernels (which PyTorch also ships, reachable through
-``torch.ops.mkldnn._linear_pointwise``) reach on the same shapes; on other CPUs MKL is as
-fast or faster. So neither is hard-wired: the first time the fast path multiplies a given
-shape (row count rounded to a power of two, inner and outer size, which operands are
-transposed, thread count) in a process, both libraries compute a random product of that shape
-a few times, alternately, and the faster one (oneDNN only if at least :data:`MIN_GAIN` faster)
-serves that shape for the rest of the process. Both compute the same sums in float32; only the
-order of the additions differs (results within float32 rounding, about 1e-6 relative).
+official wheels). MKL picks its kernels by CPU vendor: on AMD CPUs it does not run its fastest
+code paths, and on an AMD EPYC (Zen 5, AVX-512) it ran Swin's products at less than half the
+rate of oneDNN's kernels, which PyTorch also ships (reachable through
+``torch.ops.mkldnn._linear_pointwise``); on Intel CPUs MKL is at its best. The choice must also
+be the same in every process of a machine: a training run resumed in a new process, or the
+ranks of a distributed run, must compute the same sums to repeat the same losses bit for bit.
+So ``SWIN_DENSE_CPU_GEMM`` (read when first needed) chooses:
 
-``SWIN_DENSE_CPU_GEMM`` (read when first needed) sets the choice instead: ``auto`` (the
-default, as above), ``torch`` (always PyTorch's own ``F.linear`` / ``torch.mm``) or ``onednn``
-(oneDNN wherever it applies). Only fp32 CPU tensors with nothing recorded for autograd (the
-fast path's inference, and the forwards and backwards of its own autograd functions) go to
-oneDNN; everything else is PyTorch's own op.
+- ``auto`` (the default): by the CPU's vendor, as MKL itself dispatches: oneDNN on AMD CPUs,
+  PyTorch's BLAS elsewhere. Deterministic for a machine.
+- ``measure``: per shape, the faster library timed once per process (the first product of a
+  shape computes a random product of that shape on both, alternately; oneDNN serves it only
+  if at least :data:`MIN_GAIN` faster). For trying a CPU family; two processes may then choose
+  differently for a shape whose timings are close (results then differ by float32 rounding).
+- ``torch`` (always PyTorch's own ``F.linear`` / ``torch.mm``) or ``onednn`` (oneDNN wherever
+  it applies).
+
+Both libraries compute the same sums in float32; only the order of the additions differs
+(about 1e-6 relative). Only fp32 CPU tensors with nothing recorded for autograd (the fast
+path's inference, and the forwards and backwards of its own autograd functions) go to oneDNN;
+everything else is PyTorch's own op.
 
 Private torch op, and why: ``torch.ops.mkldnn._linear_pointwise`` is oneDNN's fp32 linear
 (the op ``torch.compile``'s CPU backend emits); no public function reaches oneDNN's fp32 GEMM.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Optional
@@ -40,19 +47,21 @@ CALIBRATION_REPEATS = 3
 #: Calibrations use at most this many rows (their time, not the choice, grows with them).
 CALIBRATION_MAX_ROWS = 8192
 
-_CHOICES = ('auto', 'torch', 'onednn')
+_CHOICES = ('auto', 'measure', 'torch', 'onednn')
 _mode: Optional[str] = None
 _choice: dict[tuple, bool] = {}
 
 
 def mode() -> str:
-    """``'auto'``, ``'torch'`` or ``'onednn'``: from ``SWIN_DENSE_CPU_GEMM`` on first use."""
+    """``'auto'``, ``'measure'``, ``'torch'`` or ``'onednn'``: from ``SWIN_DENSE_CPU_GEMM`` on
+    first use."""
     global _mode
     if _mode is None:
         value = os.environ.get('SWIN_DENSE_CPU_GEMM', 'auto').strip().lower() or 'auto'
         if value not in _CHOICES:
             raise ValueError(f'SWIN_DENSE_CPU_GEMM={value!r} is not understood: set it to auto '
-                             '(the faster GEMM library per shape, measured once per process), '
+                             '(oneDNN on AMD CPUs, PyTorch\'s BLAS elsewhere), measure (the '
+                             'faster library per shape, timed once per process), '
                              'torch (PyTorch\'s default BLAS) or onednn')
         _mode = value
     return _mode
@@ -71,6 +80,19 @@ def set_mode(value: Optional[str]) -> None:
 def choices() -> dict[tuple, bool]:
     """The shapes measured in this process -> whether oneDNN serves them (a copy)."""
     return dict(_choice)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), '' where unknown."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+            for line in f:
+                if line.startswith('vendor_id'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return ''
 
 
 def _onednn_available() -> bool:
@@ -136,7 +158,9 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     if not _eligible(x, weight, bias):
         return False
     chosen = mode()
-    if chosen != 'auto':
+    if chosen == 'auto':
+        return _onednn_available() and cpu_vendor() == 'AuthenticAMD'
+    if chosen != 'measure':
         return chosen == 'onednn' and _onednn_available()
     key = _key(x, weight, bias)
     use = _choice.get(key)

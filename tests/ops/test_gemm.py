@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from swin_dense.ops import gemm
 
 
-@pytest.fixture(params=['torch', 'onednn', 'auto'])
+@pytest.fixture(params=['torch', 'onednn', 'auto', 'measure'])
 def gemm_mode(request):
     gemm.set_mode(request.param)
     yield request.param
@@ -53,8 +53,8 @@ def test_recorded_and_other_dtypes_stay_on_torch(gemm_mode):
     assert gemm.linear(xd, wd).dtype == torch.float64
 
 
-def test_auto_measures_each_shape_once():
-    gemm.set_mode('auto')
+def test_measure_times_each_shape_once():
+    gemm.set_mode('measure')
     try:
         x, w = torch.randn(100, 16), torch.randn(24, 16)
         gemm.linear(x, w)
@@ -125,7 +125,7 @@ def test_fast_kernels_in_fp32_on_each_library_match_float64_autograd(mode):
 def test_measuring_a_shape_leaves_the_global_random_state_alone():
     """Stochastic depth and dropout draw from the global generator: the first product of a shape
     (which measures both libraries) must not shift their draws."""
-    gemm.set_mode('auto')
+    gemm.set_mode('measure')
     try:
         x, w = torch.randn(300, 40), torch.randn(56, 40)
         torch.manual_seed(7)
@@ -134,5 +134,19 @@ def test_measuring_a_shape_leaves_the_global_random_state_alone():
         gemm.linear(x, w)
         assert len(gemm.choices()) == 1
         assert torch.equal(torch.rand(5), expected)  # the same generator state: the same draws
+    finally:
+        gemm.set_mode(None)
+
+
+def test_auto_is_the_same_choice_in_every_process():
+    """``auto`` decides by the CPU's vendor, never by a timing: a resumed or distributed run
+    computes the same sums in every process."""
+    gemm.set_mode('auto')
+    try:
+        x, w = torch.randn(300, 40), torch.randn(56, 40)
+        gemm.linear(x, w)
+        assert gemm.choices() == {}  # nothing timed
+        expected = gemm.cpu_vendor() == 'AuthenticAMD' and gemm._onednn_available()
+        assert gemm._use_onednn(x, w, None) == expected
     finally:
         gemm.set_mode(None)
