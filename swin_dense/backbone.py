@@ -198,16 +198,14 @@ class SwinBackbone(SwinPyramid):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims))
         self.drop_after_pos = nn.Dropout(p=drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        for i in range(num_stages):
-            channels = self.num_features[i]
-            downsample = (PatchMerging(channels, 2 * channels, norm_cfg if patch_norm else None)
-                          if i < num_stages - 1 else None)
-            self.stages.append(SwinStage(
-                channels, num_heads[i], int(mlp_ratio * channels), depths[i], window_size,
-                qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample, act_cfg, norm_cfg, with_cp))
+        merging_norm = norm_cfg if patch_norm else None
+        self.stages = self.build_stages(
+            drop_path_rate,
+            lambda i, rates, downsample: SwinStage(
+                self.num_features[i], num_heads[i], int(mlp_ratio * self.num_features[i]),
+                depths[i], window_size, qkv_bias, qk_scale, drop_rate, attn_drop_rate, rates,
+                downsample, act_cfg, norm_cfg, with_cp),
+            lambda channels: PatchMerging(channels, 2 * channels, merging_norm))
         for i in self.out_indices:
             self.add_module(f'norm{i}', build_norm(norm_cfg, self.num_features[i]))
         self._freeze_stages()

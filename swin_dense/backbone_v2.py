@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
@@ -134,16 +133,14 @@ class SwinV2Backbone(SwinPyramid):
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size,
                                       norm_cfg if patch_norm else None)
         self.drop_after_pos = nn.Dropout(p=drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        for i in range(num_stages):
-            channels = self.num_features[i]
-            downsample = (PatchMergingV2(channels, 2 * channels, norm_cfg if patch_norm else None)
-                          if i < num_stages - 1 else None)
-            self.stages.append(SwinStageV2(
-                channels, num_heads[i], int(mlp_ratio * channels), depths[i], window_sizes[i],
-                pretrained_window_sizes[i], qkv_bias, drop_rate, attn_drop_rate,
-                dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample, act_cfg, norm_cfg, with_cp))
+        merging_norm = norm_cfg if patch_norm else None
+        self.stages = self.build_stages(
+            drop_path_rate,
+            lambda i, rates, downsample: SwinStageV2(
+                self.num_features[i], num_heads[i], int(mlp_ratio * self.num_features[i]),
+                depths[i], window_sizes[i], pretrained_window_sizes[i], qkv_bias, drop_rate,
+                attn_drop_rate, rates, downsample, act_cfg, norm_cfg, with_cp),
+            lambda channels: PatchMergingV2(channels, 2 * channels, merging_norm))
         for i in self.out_indices:
             self.add_module(f'norm{i}', build_norm(norm_cfg, self.num_features[i]))
         self._freeze_stages()

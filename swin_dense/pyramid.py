@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,21 @@ class SwinPyramid(BaseModule):
         for i, window in enumerate(self.window_sizes):
             multiple = math.lcm(multiple, self.patch_size * 2 ** i * window)
         return multiple
+
+    def build_stages(self, drop_path_rate: float,
+                     stage: Callable[[int, list, Optional[nn.Module]], nn.Module],
+                     merging: Callable[[int], nn.Module]) -> nn.ModuleList:
+        """The stages: ``stage(i, drop_path_rates, downsample)`` for each, with stochastic depth
+        rising linearly from 0 to ``drop_path_rate`` over all blocks and ``merging(channels)``
+        after every stage but the last."""
+        rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        stages, start = nn.ModuleList(), 0
+        for i, depth in enumerate(self.depths):
+            last = i == len(self.depths) - 1
+            stages.append(stage(i, rates[start:start + depth],
+                                None if last else merging(self.num_features[i])))
+            start += depth
+        return stages
 
     # ------------------------------------------------------------------ train / freeze
     def train(self, mode: bool = True) -> 'SwinPyramid':
